@@ -1,0 +1,6 @@
+// Each bindings/*.cpp file contributes one bind_* function; module.cpp calls them all.
+#pragma once
+#include <pybind11/pybind11.h>
+
+namespace bem_bindings {
+}  // namespace bem_bindings

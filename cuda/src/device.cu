@@ -1,0 +1,30 @@
+// Device discovery for `bem info`. Uses the runtime API only; with no driver installed the runtime
+// reports an error, which we turn into "no devices".
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "bem/cuda_ops.h"
+
+namespace bem::cuda {
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no driver" error
+    return 0;
+  }
+  return n;
+}
+
+std::string device_description(int index) {
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, index) != cudaSuccess) {
+    cudaGetLastError();
+    return "unavailable";
+  }
+  return std::string(prop.name) + " (sm_" + std::to_string(prop.major) + std::to_string(prop.minor) +
+         ", " + std::to_string(prop.totalGlobalMem >> 20) + " MiB)";
+}
+
+}  // namespace bem::cuda
