@@ -2,6 +2,7 @@
 // reports an error, which we turn into "no devices".
 #include <cuda_runtime.h>
 
+#include <stdexcept>
 #include <string>
 
 #include "bem/cuda_ops.h"
@@ -15,6 +16,14 @@ int device_count() {
     return 0;
   }
   return n;
+}
+
+void set_device(int index) {
+  const cudaError_t err = cudaSetDevice(index);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    throw std::runtime_error("cudaSetDevice(" + std::to_string(index) + "): " + cudaGetErrorString(err));
+  }
 }
 
 std::string device_description(int index) {

@@ -12,6 +12,9 @@ namespace bem::cuda {
 
 // Number of visible devices, 0 when there is no driver or no device (never throws).
 int device_count();
+// Makes `index` this thread's current device for bem's own CUDA runtime (which is not torch's:
+// bem links the runtime statically), so launches go to the device the tensors live on.
+void set_device(int index);
 // "name (sm_XY, N MiB)" of device `index`, for `bem info`.
 std::string device_description(int index);
 

@@ -1,0 +1,66 @@
+"""Timing helpers shared by bem's benchmarks: warm-up, interleaved repeats, medians, and a
+description of the machine, so every table says where it was measured."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def machine() -> str:
+    """CPU model, cores and torch build; the GPU name when CUDA is in use."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    desc = f"{model}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    if torch.cuda.is_available():
+        desc += f", GPU {torch.cuda.get_device_name()}"
+    return desc
+
+
+def _calls_for(fn: Callable[[], object], budget_s: float, sync: Callable[[], None]) -> int:
+    fn()
+    sync()
+    n, elapsed = 1, 0.0
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= budget_s / 10 or n >= 1 << 20:
+            return max(1, int(n * (budget_s / 10) / max(elapsed, 1e-9)))
+        n *= 4
+
+
+def compare(fns: dict[str, Callable[[], object]], *, repeats: int = 9, budget_s: float = 0.05,
+            sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Median seconds per call of each function. Repeats are interleaved (A B C A B C …) so slow
+    drift of a shared, noisy machine hits every candidate alike."""
+    calls = {name: _calls_for(fn, budget_s, sync) for name, fn in fns.items()}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            n = calls[name]
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            sync()
+            samples[name].append((time.perf_counter() - t0) / n)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def fmt_us(seconds: float) -> str:
+    us = seconds * 1e6
+    return f"{us:.1f}" if us < 1000 else f"{us:,.0f}"
