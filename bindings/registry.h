@@ -3,4 +3,5 @@
 #include <pybind11/pybind11.h>
 
 namespace bem_bindings {
+void bind_kv(pybind11::module_& m);  // bindings/kv.cpp: KVBlockManager, KVCacheFullError
 }  // namespace bem_bindings
