@@ -83,4 +83,5 @@ PYBIND11_MODULE(_C, m) {
     return std::string();
 #endif
   }, py::arg("index"));
+  bem_bindings::bind_stats(m);
 }

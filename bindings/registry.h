@@ -3,4 +3,5 @@
 #include <pybind11/pybind11.h>
 
 namespace bem_bindings {
+void bind_stats(pybind11::module_& m);
 }  // namespace bem_bindings
