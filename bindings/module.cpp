@@ -86,4 +86,5 @@ PYBIND11_MODULE(_C, m) {
 
   bem_bindings::bind_ops(m);
   bem_bindings::bind_kv(m);
+  bem_bindings::bind_stats(m);
 }

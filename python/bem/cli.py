@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="version, build options, compiled backends, devices")
     p_info.set_defaults(func=_cmd_info)
+    from bem.stats import cli as stats_cli
+    stats_cli.register(sub)
     return parser
 
 
