@@ -263,15 +263,19 @@ def attach(model: nn.Module, config: BemConfig, *, freeze_base: bool = True) -> 
                 raise ValueError(f"module {n!r}: matched by both {owner[n]!r} and {spec.kind!r}")
             owner[n] = spec.kind
             plan.append((n, spec))
+    # Build everything first (nothing in the model changes if a module refuses its target), then
+    # replace the inner modules before the outer ones that may contain them.
+    plan.sort(key=lambda t: -t[0].count("."))
+    built = [_build(spec, model.get_submodule(name), config, d_model, heads) for name, spec in plan]
+    groups = {m.num_groups for m in built if isinstance(m, HeadGating)}
+    if config.gate_shaping and len(groups) != 1:
+        raise ValueError(f"BemConfig: gate_shaping needs one head-group count, got {groups}")
+    ref = next(model.parameters())
     if freeze_base:
         for p in model.parameters():
             p.requires_grad_(False)
-    built = []
-    for name, spec in sorted(plan, key=lambda t: -t[0].count(".")):
-        module = _build(spec, model.get_submodule(name), config, d_model, heads)
+    for (name, _), module in zip(plan, built):
         _set_submodule(model, name, module)
-        built.append(module)
-    ref = next(model.parameters())
     if any(m.needs_control for m in built):
         model.bem_controller = ChunkController(d_model, config.num_experts).to(ref.dtype).to(ref.device)
         model._bem_control_tokens = []
@@ -279,9 +283,6 @@ def attach(model: nn.Module, config: BemConfig, *, freeze_base: bool = True) -> 
             model.register_forward_pre_hook(_control_pre_hook, with_kwargs=True),
             model.register_forward_hook(_control_post_hook, with_kwargs=True, always_call=True)]
     if config.gate_shaping:
-        groups = {m.num_groups for m in built if isinstance(m, HeadGating)}
-        if len(groups) != 1:
-            raise ValueError(f"BemConfig: gate_shaping needs one head-group count, got {groups}")
         model.bem_gate_shaper = GateShaping(d_model, groups.pop()).to(ref.dtype).to(ref.device)
     model.bem_config = config
     return model
