@@ -204,6 +204,18 @@ def bem_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, BEM_MODULES)}
 
 
+def _continues(kwargs) -> bool:
+    """Whether a Hugging Face forward continues earlier tokens (a KV cache that holds tokens, or
+    position ids not starting at 0) instead of covering whole sequences."""
+    for name in ("past_key_values", "cache"):
+        past = kwargs.get(name)
+        if past is not None and (past.get_seq_length() if hasattr(past, "get_seq_length")
+                                 else len(past)) > 0:
+            return True
+    pos = kwargs.get("position_ids")
+    return isinstance(pos, torch.Tensor) and pos.numel() > 0 and bool((pos[..., 0] != 0).any())
+
+
 def _control_pre_hook(model, args, kwargs):
     """Compute the per-chunk controls from input_ids for a forward over whole sequences, unless
     controls are already active (bem's generation passes its own)."""
@@ -214,9 +226,7 @@ def _control_pre_hook(model, args, kwargs):
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         raise ValueError("bem: the attached modules need input_ids (B, T) to compute their "
                          "per-chunk controls")
-    past = kwargs.get("past_key_values")
-    if kwargs.get("batch") is not None or (past is not None and (
-            past.get_seq_length() if hasattr(past, "get_seq_length") else len(past)) > 0):
+    if kwargs.get("batch") is not None or _continues(kwargs):
         raise ValueError("bem: per-chunk controls need the whole sequence; generate with "
                          "bem.model.generate (bem's model) or with use_cache=False")
     pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
@@ -300,8 +310,8 @@ def _unattach(model: nn.Module) -> None:
 def detach(model: nn.Module) -> nn.Module:
     """Remove every bem module (restoring the original layers, unchanged) and bem's controller,
     shaper and hooks. Returns the model."""
-    for name, module in sorted(bem_modules(model).items(), key=lambda t: t[0].count(".")):
-        _set_submodule(model, name, module.base_layer)
+    for name, module in sorted(bem_modules(model).items(), key=lambda t: -t[0].count(".")):
+        _set_submodule(model, name, module.base_layer)   # inner first: outer names stay valid
     _unattach(model)
     return model
 
@@ -318,7 +328,7 @@ def merge(model: nn.Module) -> nn.Module:
         raise ValueError(f"merge: modules {bad} cannot be merged (their delta depends on the "
                          "input or the routing); detach() them or merge a static-LoRA/Kronecker "
                          "config")
-    for name, module in found.items():
+    for name, module in sorted(found.items(), key=lambda t: -t[0].count(".")):
         _set_submodule(model, name, module.merged_base())
     _unattach(model)
     return model
