@@ -71,3 +71,19 @@ def test_bad_inputs():
         m(q, qm, p, pm2)
     with pytest.raises(ValueError, match="floor"):
         GateShaping(D, G, floor=1.0)
+
+
+def test_evidence_inputs_from_token_ids():
+    from bem.modules import evidence_inputs
+
+    emb = torch.randn(30, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    q, qm, p, pm = evidence_inputs(emb, [[1, 2, 3], [4]], [[[5, 6], [7]], [[8, 9, 10]]])
+    assert q.shape == (2, 3, D) and p.shape == (2, 2, 3, D)
+    assert qm.tolist() == [[True, True, True], [True, False, False]]
+    assert pm[1, 1].any().item() is False
+    torch.testing.assert_close(p[0, 0, 1], emb[6])
+    out = GateShaping(D, G).double()(q, qm, p, pm)
+    assert torch.isinf(out.scores[1, 1]) and torch.isfinite(out.scores[0]).all()
+    for bad in ([[[]], [[1]]], [[[1]], []], [[[1]], [[99]]]):
+        with pytest.raises(ValueError):
+            evidence_inputs(emb, [[1], [2]], bad)

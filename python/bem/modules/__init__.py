@@ -5,7 +5,8 @@ from bem.modules.base import LinearAdapter, reference_kernels
 from bem.modules.control import (CHUNK_SIZE, ChunkControl, ChunkController, current_control,
                                  use_control)
 from bem.modules.dynamic_rank import DynamicRankLoRA
-from bem.modules.gate_shaping import GateShaping, GateShapingOutput, TinyCrossEncoder
+from bem.modules.gate_shaping import (GateShaping, GateShapingOutput, TinyCrossEncoder,
+                                      evidence_inputs)
 from bem.modules.head_gating import HeadGating
 from bem.modules.kronecker import KroneckerAdapter
 from bem.modules.lora import LoRA
@@ -13,5 +14,5 @@ from bem.modules.residual_film import ResidualFiLM
 
 __all__ = ["CHUNK_SIZE", "ChunkControl", "ChunkController", "DynamicRankLoRA", "GateShaping",
            "GateShapingOutput", "HeadGating", "KroneckerAdapter", "LinearAdapter", "LoRA",
-           "ResidualFiLM", "TinyCrossEncoder", "current_control", "reference_kernels",
-           "use_control"]
+           "ResidualFiLM", "TinyCrossEncoder", "current_control", "evidence_inputs",
+           "reference_kernels", "use_control"]

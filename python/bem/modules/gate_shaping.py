@@ -120,3 +120,35 @@ def _masked_median(scores: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     n = present.sum(-1)
     srt = scores.masked_fill(~present, float("inf")).sort(-1).values
     return srt.gather(-1, ((n - 1) // 2)[:, None]).squeeze(-1)
+
+
+def evidence_inputs(embedding: torch.Tensor, queries: list[list[int]],
+                    passages: list[list[list[int]]]) -> tuple[torch.Tensor, ...]:
+    """Token ids → GateShaping's inputs, embedded with `embedding` (V, d) (e.g. the model's input
+    embedding weight). queries: B lists of ids; passages: per query, a list of id lists.
+    Returns (query (B, Lq, d), query_mask, passages (B, P, Lp, d), passage_mask), zero-padded."""
+    if len(queries) != len(passages) or not queries:
+        raise ValueError(f"queries, passages: expected equal, non-zero lengths, got {len(queries)} "
+                         f"and {len(passages)}")
+    V = embedding.shape[0]
+    for name, seqs in (("queries", queries), ("passages", [p for ps in passages for p in ps])):
+        for s in seqs:
+            if not s or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V for t in s):
+                raise ValueError(f"{name}: expected non-empty lists of token ids in [0, {V})")
+    if any(not ps for ps in passages):
+        raise ValueError("passages: every query needs at least one passage")
+    B, dev = len(queries), embedding.device
+    Lq = max(len(q) for q in queries)
+    P = max(len(ps) for ps in passages)
+    Lp = max(len(p) for ps in passages for p in ps)
+    qi = torch.zeros(B, Lq, dtype=torch.int64, device=dev)
+    qm = torch.zeros(B, Lq, dtype=torch.bool, device=dev)
+    pi = torch.zeros(B, P, Lp, dtype=torch.int64, device=dev)
+    pm = torch.zeros(B, P, Lp, dtype=torch.bool, device=dev)
+    for b, (q, ps) in enumerate(zip(queries, passages)):
+        qi[b, :len(q)] = torch.tensor(q)
+        qm[b, :len(q)] = True
+        for j, p in enumerate(ps):
+            pi[b, j, :len(p)] = torch.tensor(p)
+            pm[b, j, :len(p)] = True
+    return F.embedding(qi, embedding), qm, F.embedding(pi, embedding), pm
