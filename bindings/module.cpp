@@ -83,4 +83,6 @@ PYBIND11_MODULE(_C, m) {
     return std::string();
 #endif
   }, py::arg("index"));
+
+  bem_bindings::bind_ops(m);
 }

@@ -3,4 +3,5 @@
 #include <pybind11/pybind11.h>
 
 namespace bem_bindings {
+void bind_ops(pybind11::module_& m);  // bindings/ops.cpp: lora, kron, film kernels
 }  // namespace bem_bindings

@@ -97,7 +97,7 @@ def test_gradients_match_float64_reference(device, dtype, mode):
 
 def test_gradcheck_float64():
     x, A, B, ei, ri, gate = make_inputs(9, dtype=torch.float64, d_in=5, d_out=6, r=4, k=2, E=3)
-    args = [t.requires_grad_(True) for t in (x, A, B, gate)]
+    args = [t.requires_grad_(True) for t in (x, A, B, gate.double())]
     fn = lambda x, A, B, g: lora_delta(x, A, B, scale=0.7, expert_index=ei, rank_index=ri,  # noqa: E731
                                        rank_gate=g)
     assert torch.autograd.gradcheck(fn, args)
@@ -227,7 +227,7 @@ def call(**kw):
     (dict(expert_index=torch.zeros(10)), TypeError, "expert_index: expected an integer"),
     (dict(rank_index=torch.full((10, K), R)), IndexError, "rank_index"),
     (dict(rank_index=torch.full((10, K), -1)), IndexError, "rank_index"),
-    (dict(rank_index=torch.zeros(10, K, dtype=torch.long)), ValueError, "rank_index: duplicate"),
+    (dict(rank_index=torch.zeros(10, K, dtype=torch.long)), ValueError, "rank_index: .*(twice|duplicate)"),
     (dict(rank_index=torch.zeros(10, R + 1, dtype=torch.long), rank_gate=None), ValueError, "k="),
     (dict(rank_gate=torch.ones(10, K + 1)), ValueError, "rank_gate: expected shape"),
     (dict(rank_gate=torch.ones(10, K, dtype=torch.long)), TypeError, "rank_gate"),

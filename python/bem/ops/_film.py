@@ -133,11 +133,10 @@ def _film_backward_op(grad_y: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor
         gx, gg, gb = reference.film_backward(grad_y, x, gamma, beta, gamma_bounds=(gamma_lo, gamma_hi),
                                              beta_bound=beta_bound)
         return tuple(g if need else g.new_empty(0) for g, need in zip((gx, gg, gb), needs))
-    empty = x.new_empty(0)
     f32 = dict(dtype=torch.float32, device=x.device)
-    gx = torch.empty_like(x) if needs[0] else empty
-    gg = torch.empty((groups, d), **f32) if needs[1] else empty
-    gb = torch.empty((groups, d), **f32) if needs[2] else empty
+    gx = torch.empty_like(x) if needs[0] else x.new_empty(0)
+    gg = torch.empty((groups, d), **f32) if needs[1] else x.new_empty(0)
+    gb = torch.empty((groups, d), **f32) if needs[2] else x.new_empty(0)
     _ext.C().film_backward(
         dev, c.stream_of(dev), rows, d, groups, _ext.DTYPE_CODES[x.dtype], gamma_lo, gamma_hi,
         beta_bound, x.data_ptr(), gamma.data_ptr(), beta.data_ptr(), grad_y.contiguous().data_ptr(),

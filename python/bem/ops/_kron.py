@@ -84,11 +84,10 @@ def _kron_backward_op(grad_y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B:
     if dev is None:
         gx, gA, gB = reference.kron_delta_backward(grad_y, x, A, B, scale=scale)
         return tuple(g if need else g.new_empty(0) for g, need in zip((gx, gA, gB), needs))
-    empty = x.new_empty(0)
     f32 = dict(dtype=torch.float32, device=x.device)
-    gx = torch.empty_like(x) if needs[0] else empty
-    gA = torch.empty((o1, i1), **f32) if needs[1] else empty
-    gB = torch.empty((o2, i2), **f32) if needs[2] else empty
+    gx = torch.empty_like(x) if needs[0] else x.new_empty(0)
+    gA = torch.empty((o1, i1), **f32) if needs[1] else x.new_empty(0)
+    gB = torch.empty((o2, i2), **f32) if needs[2] else x.new_empty(0)
     _ext.C().kron_backward(
         dev, c.stream_of(dev), T, o1, i1, o2, i2, _ext.DTYPE_CODES[x.dtype], scale, x.data_ptr(),
         A.data_ptr(), B.data_ptr(), grad_y.contiguous().data_ptr(),

@@ -189,12 +189,11 @@ def _lora_backward_op(grad_y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B:
             grad_y, x, A, B, scale=scale, expert_index=expert_index, rank_index=rank_index,
             rank_gate=rank_gate)
         return tuple(g if need else g.new_empty(0) for g, need in zip((gx, gA, gB, gg), needs))
-    empty = x.new_empty(0)
     f32 = dict(dtype=torch.float32, device=x.device)
-    gx = torch.empty((T, d_in), dtype=x.dtype, device=x.device) if needs[0] else empty
-    gA = torch.empty((E, r, d_in), **f32) if needs[1] else empty
-    gB = torch.empty((E, d_out, r), **f32) if needs[2] else empty
-    gg = torch.empty((T, k), **f32) if needs[3] else empty
+    gx = torch.empty((T, d_in), dtype=x.dtype, device=x.device) if needs[0] else x.new_empty(0)
+    gA = torch.empty((E, r, d_in), **f32) if needs[1] else x.new_empty(0)
+    gB = torch.empty((E, d_out, r), **f32) if needs[2] else x.new_empty(0)
+    gg = torch.empty((T, k), **f32) if needs[3] else x.new_empty(0)
     ptr = lambda t, need: t.data_ptr() if need else 0  # noqa: E731
     _ext.C().lora_backward(
         dev, c.stream_of(dev), T, d_in, d_out, r, k, E, _ext.DTYPE_CODES[x.dtype], scale,

@@ -1,0 +1,513 @@
+// Masked multi-expert LoRA on the CPU: argument and index checks, the plan (runs of equal expert,
+// the expand strategy per run), threading, and dispatch to the kernels of the CPU's SIMD level
+// (lora_kernels.inl, compiled once per level).
+#include "bem/lora.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "bem/dtype.h"
+#include "bem/parallel.h"
+#include "cpu_features.h"
+#include "kernel_util.h"
+#include "simd.h"
+
+namespace bem {
+namespace {
+
+using detail::element_size;
+using detail::got;
+using detail::require_dtype;
+using detail::round_up;
+using detail::tls_buffer;
+
+// Consecutive tokens routed to the same expert (e = −1: no adapter). `packed` picks the expand
+// strategy for the whole run, so the result never depends on how the run is split over threads.
+struct Run {
+  int64_t t0, t1, e;
+  bool packed;
+};
+
+// Everything the work items read; built once per call.
+struct LoraArgs {
+  int64_t tokens = 0, d_in = 0, d_out = 0, r = 0, k = 0;
+  float scale = 1.0f;
+  const void* x = nullptr;      // (T, d_in), row stride ld_x
+  int64_t ld_x = 0;
+  const void* A = nullptr;      // (E, r, d_in)
+  const void* B = nullptr;      // (E, d_out, r)
+  const int64_t* idx = nullptr; // token t's active ranks: idx + t·idx_stride (k of them)
+  int64_t idx_stride = 0;       // k, or 0 when every token uses ranks 0..r−1
+  const float* gate = nullptr;  // (T, k) or null (ones)
+  float* S = nullptr;           // (T, k) shrink results x·Aᵀ (written by the forward's shrink)
+  void* y = nullptr;            // forward output, row stride ld_y
+  int64_t ld_y = 0;
+  bool accumulate = false;
+  const void* dy = nullptr;     // backward: (T, d_out)
+  float* grad_s = nullptr;      // backward: (T, k) u = Bᵀdy picked at the active ranks, then
+                                // scale·gate·u (the gradient with respect to S)
+  float* v_full = nullptr;      // backward: (T, r) grad_s scattered to rank positions (zeros elsewhere)
+  float* w_full = nullptr;      // backward: (T, r) scale·gate·S scattered likewise
+  void* grad_x = nullptr;
+  float* grad_A = nullptr;
+  float* grad_B = nullptr;
+  const Run* runs = nullptr;
+  int64_t n_runs = 0;
+};
+
+struct LoraKernels {
+  int width;  // SIMD lanes, for the expand cost model
+  void (*shrink)(const LoraArgs&, int64_t e, int64_t t0, int64_t t1, int64_t j0, int64_t j1);
+  bool (*expand)(const LoraArgs&, const Run&, int64_t o0, int64_t o1);
+  void (*grad_u)(const LoraArgs&, const Run&, int64_t t0, int64_t t1);
+  void (*grad_x)(const LoraArgs&, const Run&, int64_t t0, int64_t t1);
+  void (*grad_A)(const LoraArgs&, int64_t e, int64_t c0, int64_t c1);
+  void (*grad_B)(const LoraArgs&, int64_t e, int64_t o0, int64_t o1);
+};
+
+// End of the maximal run of tokens from t (< t1) that share t's rank set.
+inline int64_t segment_end(const LoraArgs& a, int64_t t, int64_t t1) {
+  if (a.idx_stride == 0) return t1;
+  const int64_t k = a.k;
+  const int64_t* first = a.idx + t * k;
+  int64_t s = t + 1;
+  while (s < t1 && std::equal(first, first + k, a.idx + s * k)) ++s;
+  return s;
+}
+
+}  // namespace
+}  // namespace bem
+
+namespace bem {
+namespace {
+namespace isa_scalar {
+using V = simd::Scalar;
+#include "gemm_kernels.inl"
+#include "lora_kernels.inl"
+}  // namespace isa_scalar
+}  // namespace
+}  // namespace bem
+
+#ifdef BEM_SIMD_X86
+BEM_TARGET_AVX2_BEGIN
+namespace bem {
+namespace {
+namespace isa_avx2 {
+using V = simd::Avx2;
+#include "gemm_kernels.inl"
+#include "lora_kernels.inl"
+}  // namespace isa_avx2
+}  // namespace
+}  // namespace bem
+BEM_TARGET_AVX2_END
+
+BEM_TARGET_AVX512_BEGIN
+namespace bem {
+namespace {
+namespace isa_avx512 {
+using V = simd::Avx512;
+#include "gemm_kernels.inl"
+#include "lora_kernels.inl"
+}  // namespace isa_avx512
+}  // namespace
+}  // namespace bem
+BEM_TARGET_AVX512_END
+#endif
+
+namespace bem {
+namespace {
+
+const LoraKernels& kernels_for(DType dtype) {
+  switch (detail::simd_level()) {
+#ifdef BEM_SIMD_X86
+    case detail::SimdLevel::Avx512: return isa_avx512::lora_kernels(dtype);
+    case detail::SimdLevel::Avx2: return isa_avx2::lora_kernels(dtype);
+#endif
+    default: return isa_scalar::lora_kernels(dtype);
+  }
+}
+
+// Below this many multiply-adds a call runs on the calling thread: waking the pool costs more.
+constexpr int64_t kParallelMacs = int64_t{1} << 19;
+// Scratch above this many floats is released after the call instead of kept for the next one.
+constexpr size_t kKeepScratchFloats = size_t{1} << 22;
+
+struct PlanScratch {
+  std::vector<Run> runs;
+  std::vector<int64_t> identity;
+  std::vector<float> S, grad_s, v_full, w_full;
+  std::vector<int64_t> seen;
+  void trim() {
+    for (std::vector<float>* v : {&S, &grad_s, &v_full, &w_full}) {
+      if (v->capacity() > kKeepScratchFloats) std::vector<float>().swap(*v);
+    }
+  }
+};
+
+PlanScratch& plan_scratch() {
+  thread_local PlanScratch s;
+  return s;
+}
+
+void check_common(int64_t tokens, int64_t d_in, int64_t d_out, int64_t rank, int64_t active,
+                  int64_t experts, DType dtype, const int64_t* rank_index) {
+  BEM_REQUIRE(tokens >= 1, "tokens", "expected at least one token, " + got(tokens));
+  BEM_REQUIRE(d_in >= 1, "d_in", "expected >= 1, " + got(d_in));
+  BEM_REQUIRE(d_out >= 1, "d_out", "expected >= 1, " + got(d_out));
+  BEM_REQUIRE(rank >= 1, "rank", "expected >= 1, " + got(rank));
+  BEM_REQUIRE(experts >= 1, "experts", "expected >= 1, " + got(experts));
+  BEM_REQUIRE(active >= 1 && active <= rank, "rank_index",
+          "expected k (active ranks) in [1, r=" + std::to_string(rank) + "], " + got(active));
+  BEM_REQUIRE(rank_index != nullptr || active == rank, "rank_index",
+          "is null (all ranks) but k=" + std::to_string(active) + " != r=" + std::to_string(rank));
+  require_dtype(dtype);
+}
+
+// Runs of equal expert over all tokens, with the expand strategy of each.
+void build_runs(const LoraArgs& a, const int64_t* expert_index, int width, std::vector<Run>& runs) {
+  runs.clear();
+  int64_t t = 0;
+  while (t < a.tokens) {
+    const int64_t e = expert_index ? expert_index[t] : 0;
+    int64_t t1 = t + 1;
+    while (t1 < a.tokens && (expert_index ? expert_index[t1] : 0) == e) ++t1;
+    runs.push_back(Run{t, t1, e, false});
+    t = t1;
+  }
+  // Cost per W output columns, in vector operations: the row-dot expand reads every token's
+  // W rows of B and reduces them across lanes (≈ W·(⌈r/W⌉ + 3) per token); packing costs about one
+  // scalar move per used B element (W·|used ranks|) and then k FMAs per token.
+  const double W = width;
+  const double rowdot_per_token = W * (static_cast<double>((a.r + width - 1) / width) + 3.0);
+  for (Run& run : runs) {
+    if (run.e < 0) continue;
+    const double n = static_cast<double>(run.t1 - run.t0);
+    int64_t used = a.k;
+    if (a.idx_stride != 0 && run.t1 - run.t0 > 1) {
+      std::vector<int64_t>& seen = plan_scratch().seen;
+      seen.assign(static_cast<size_t>(a.r), 0);
+      used = 0;
+      for (int64_t i = run.t0 * a.k; i < run.t1 * a.k && used < a.r; ++i) {
+        if (!seen[a.idx[i]]) {
+          seen[a.idx[i]] = 1;
+          ++used;
+        }
+      }
+    }
+    const double packed_cost = W * 1.5 * static_cast<double>(used) + n * static_cast<double>(a.k);
+    const int forced = detail::g_lora_expand_override.load(std::memory_order_relaxed);
+    run.packed = forced >= 0 ? forced == 1 : packed_cost < n * rowdot_per_token;
+  }
+}
+
+void zero_rows(void* base, DType dtype, int64_t t0, int64_t t1, int64_t ld, int64_t c0, int64_t c1) {
+  const size_t es = element_size(dtype);
+  char* p = static_cast<char*>(base);
+  for (int64_t t = t0; t < t1; ++t) {
+    std::memset(p + (t * ld + c0) * static_cast<int64_t>(es), 0, static_cast<size_t>(c1 - c0) * es);
+  }
+}
+
+int64_t routed_tokens(const std::vector<Run>& runs) {
+  int64_t n = 0;
+  for (const Run& r : runs)
+    if (r.e >= 0) n += r.t1 - r.t0;
+  return n;
+}
+
+// A rectangle of work: run `run`, tokens [t0, t1), and a range [c0, c1) of slots or columns.
+struct Item {
+  int64_t run, t0, t1, c0, c1;
+};
+
+// Token blocks of every routed run, each split into `parts` ranges of [0, extent) (multiples of
+// `align`), so that there are enough items for the pool even at one token.
+void token_items(const std::vector<Run>& runs, int64_t block, int64_t extent, int64_t align,
+                 int threads, std::vector<Item>& items) {
+  items.clear();
+  int64_t blocks = 0;
+  for (const Run& r : runs)
+    if (r.e >= 0) blocks += (r.t1 - r.t0 + block - 1) / block;
+  const int64_t want = 2 * static_cast<int64_t>(threads);
+  int64_t parts = blocks >= want ? 1 : (want + blocks - 1) / std::max<int64_t>(blocks, 1);
+  const int64_t step = std::max(align, round_up((extent + parts - 1) / parts, align));
+  for (size_t q = 0; q < runs.size(); ++q) {
+    const Run& r = runs[q];
+    if (r.e < 0) continue;
+    for (int64_t t = r.t0; t < r.t1; t += block) {
+      for (int64_t c = 0; c < extent; c += step) {
+        items.push_back(Item{static_cast<int64_t>(q), t, std::min(r.t1, t + block), c, std::min(extent, c + step)});
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void validate_lora_indices(int64_t tokens, int64_t experts, int64_t rank, int64_t active,
+                           const int64_t* expert_index, const int64_t* rank_index) {
+  if (expert_index != nullptr) {
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int64_t e = expert_index[t];
+      if (e < -1 || e >= experts) {
+        throw ArgumentError("expert_index", "value " + std::to_string(e) + " at token " + std::to_string(t) +
+                                                " is out of range [-1, " + std::to_string(experts) + ")",
+                            true);
+      }
+    }
+  }
+  if (rank_index == nullptr) return;
+  std::vector<int64_t>& seen = plan_scratch().seen;
+  seen.assign(static_cast<size_t>(std::max<int64_t>(rank, 0)), -1);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t j = 0; j < active; ++j) {
+      const int64_t i = rank_index[t * active + j];
+      if (i < 0 || i >= rank) {
+        throw ArgumentError("rank_index", "value " + std::to_string(i) + " at (" + std::to_string(t) + ", " +
+                                              std::to_string(j) + ") is out of range [0, " + std::to_string(rank) + ")",
+                            true);
+      }
+      if (seen[i] == t) {
+        throw ArgumentError("rank_index", "token " + std::to_string(t) + " lists rank " + std::to_string(i) +
+                                              " twice; a token's active ranks must be distinct");
+      }
+      seen[i] = t;
+    }
+  }
+}
+
+bool lora_forward_cpu(const LoraForwardParams& p) {
+  check_common(p.tokens, p.d_in, p.d_out, p.rank, p.active, p.experts, p.dtype, p.rank_index);
+  BEM_REQUIRE(p.x != nullptr, "x", "is null");
+  BEM_REQUIRE(p.A != nullptr, "A", "is null");
+  BEM_REQUIRE(p.B != nullptr, "B", "is null");
+  BEM_REQUIRE(p.y != nullptr, "y", "is null");
+  BEM_REQUIRE(p.ld_x >= p.d_in, "ld_x", "expected >= d_in=" + std::to_string(p.d_in) + ", " + got(p.ld_x));
+  BEM_REQUIRE(p.ld_y >= p.d_out, "ld_y", "expected >= d_out=" + std::to_string(p.d_out) + ", " + got(p.ld_y));
+  validate_lora_indices(p.tokens, p.experts, p.rank, p.active, p.expert_index, p.rank_index);
+
+  const LoraKernels& kern = kernels_for(p.dtype);
+  PlanScratch& ps = plan_scratch();
+  LoraArgs a;
+  a.tokens = p.tokens;
+  a.d_in = p.d_in;
+  a.d_out = p.d_out;
+  a.r = p.rank;
+  a.k = p.active;
+  a.scale = p.scale;
+  a.x = p.x;
+  a.ld_x = p.ld_x;
+  a.A = p.A;
+  a.B = p.B;
+  if (p.rank_index != nullptr) {
+    a.idx = p.rank_index;
+    a.idx_stride = p.active;
+  } else {
+    int64_t* id = tls_buffer(ps.identity, p.rank);
+    for (int64_t i = 0; i < p.rank; ++i) id[i] = i;
+    a.idx = id;
+    a.idx_stride = 0;
+  }
+  a.gate = p.rank_gate;
+  a.S = p.shrink_out ? p.shrink_out : tls_buffer(ps.S, p.tokens * p.active);
+  a.y = p.y;
+  a.ld_y = p.ld_y;
+  a.accumulate = p.accumulate;
+  build_runs(a, p.expert_index, kern.width, ps.runs);
+  const std::vector<Run>& runs = ps.runs;
+  a.runs = runs.data();
+  a.n_runs = static_cast<int64_t>(runs.size());
+
+  for (const Run& run : runs) {
+    if (run.e >= 0) continue;
+    if (p.shrink_out) std::fill(p.shrink_out + run.t0 * a.k, p.shrink_out + run.t1 * a.k, 0.0f);
+    if (!p.accumulate) zero_rows(p.y, p.dtype, run.t0, run.t1, p.ld_y, 0, p.d_out);
+  }
+
+  const int64_t macs = routed_tokens(runs) * a.k * (a.d_in + a.d_out);
+  const int threads = macs >= detail::parallel_threshold(kParallelMacs) ? num_threads() : 1;
+  bool finite = true;
+  if (threads == 1) {
+    for (const Run& run : runs)
+      if (run.e >= 0) kern.shrink(a, run.e, run.t0, run.t1, 0, a.k);
+    for (const Run& run : runs)
+      if (run.e >= 0) finite &= kern.expand(a, run, 0, a.d_out);
+  } else {
+    std::vector<Item> items;
+    // Shrink: 16-token blocks, the k slots split when there are few tokens (decode on big layers).
+    token_items(runs, 16, a.k, 8, threads, items);
+    parallel_for(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const Item& it = items[i];
+        kern.shrink(a, runs[it.run].e, it.t0, it.t1, it.c0, it.c1);
+      }
+    });
+    // Expand: whole runs (the packing decision is per run), split over output columns (multiples
+    // of 64 so the lane layout of every output block is the same for any split).
+    items.clear();
+    int64_t n_routed_runs = 0;
+    for (const Run& r : runs) n_routed_runs += r.e >= 0;
+    const int64_t want = 4 * static_cast<int64_t>(threads);
+    const int64_t parts = n_routed_runs >= want ? 1 : (want + n_routed_runs - 1) / std::max<int64_t>(n_routed_runs, 1);
+    const int64_t step = std::max<int64_t>(128, round_up((a.d_out + parts - 1) / parts, 64));
+    for (size_t q = 0; q < runs.size(); ++q) {
+      if (runs[q].e < 0) continue;
+      for (int64_t c = 0; c < a.d_out; c += step) {
+        items.push_back(Item{static_cast<int64_t>(q), runs[q].t0, runs[q].t1, c, std::min(a.d_out, c + step)});
+      }
+    }
+    std::atomic<bool> all_finite{true};
+    parallel_for(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
+      bool ok = true;
+      for (int64_t i = b; i < e; ++i) ok &= kern.expand(a, runs[items[i].run], items[i].c0, items[i].c1);
+      if (!ok) all_finite.store(false, std::memory_order_relaxed);
+    });
+    finite = all_finite.load();
+  }
+  ps.trim();
+  return finite;
+}
+
+void lora_backward_cpu(const LoraBackwardParams& p) {
+  check_common(p.tokens, p.d_in, p.d_out, p.rank, p.active, p.experts, p.dtype, p.rank_index);
+  BEM_REQUIRE(p.x != nullptr, "x", "is null");
+  BEM_REQUIRE(p.A != nullptr, "A", "is null");
+  BEM_REQUIRE(p.B != nullptr, "B", "is null");
+  BEM_REQUIRE(p.grad_y != nullptr, "grad_y", "is null");
+  validate_lora_indices(p.tokens, p.experts, p.rank, p.active, p.expert_index, p.rank_index);
+  if (!p.grad_x && !p.grad_A && !p.grad_B && !p.grad_gate) return;
+
+  const LoraKernels& kern = kernels_for(p.dtype);
+  PlanScratch& ps = plan_scratch();
+  const int64_t T = p.tokens, k = p.active, r = p.rank;
+  LoraArgs a;
+  a.tokens = T;
+  a.d_in = p.d_in;
+  a.d_out = p.d_out;
+  a.r = r;
+  a.k = k;
+  a.scale = p.scale;
+  a.x = p.x;
+  a.ld_x = p.d_in;
+  a.A = p.A;
+  a.B = p.B;
+  if (p.rank_index != nullptr) {
+    a.idx = p.rank_index;
+    a.idx_stride = k;
+  } else {
+    int64_t* id = tls_buffer(ps.identity, r);
+    for (int64_t i = 0; i < r; ++i) id[i] = i;
+    a.idx = id;
+    a.idx_stride = 0;
+  }
+  a.gate = p.rank_gate;
+  a.dy = p.grad_y;
+  a.grad_x = p.grad_x;
+  a.grad_A = p.grad_A;
+  a.grad_B = p.grad_B;
+  build_runs(a, p.expert_index, kern.width, ps.runs);
+  const std::vector<Run>& runs = ps.runs;
+  a.runs = runs.data();
+  a.n_runs = static_cast<int64_t>(runs.size());
+
+  const bool need_S = p.grad_B || p.grad_gate;
+  const bool need_u = p.grad_x || p.grad_A || p.grad_gate;
+  const int64_t routed = routed_tokens(runs);
+  const int64_t macs = routed * (r * (p.d_out + p.d_in) + k * (p.d_in + (p.shrink ? 0 : p.d_in)));
+  const int threads = macs >= detail::parallel_threshold(kParallelMacs) ? num_threads() : 1;
+  std::vector<Item> items;
+  // Runs a per-token-block kernel over every routed run, on the pool when it pays.
+  auto over_tokens = [&](int64_t block, auto&& fn) {
+    if (threads == 1) {
+      for (const Run& run : runs)
+        if (run.e >= 0) fn(run, run.t0, run.t1);
+      return;
+    }
+    token_items(runs, block, 1, 1, 1, items);
+    parallel_for(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) fn(runs[items[i].run], items[i].t0, items[i].t1);
+    });
+  };
+  // Runs fn(e, c0, c1) over every expert and column block of [0, extent).
+  auto over_experts = [&](int64_t extent, auto&& fn) {
+    const int64_t E = p.experts;
+    const int64_t want = 4 * static_cast<int64_t>(threads);
+    const int64_t parts = threads == 1 ? 1 : std::max<int64_t>(1, (want + E - 1) / E);
+    const int64_t step = std::max<int64_t>(64, round_up((extent + parts - 1) / parts, 64));
+    const int64_t per_e = (extent + step - 1) / step;
+    if (threads == 1) {
+      for (int64_t e = 0; e < E; ++e) fn(e, int64_t{0}, extent);
+      return;
+    }
+    parallel_for(E * per_e, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t c0 = (i % per_e) * step;
+        fn(i / per_e, c0, std::min(extent, c0 + step));
+      }
+    });
+  };
+
+  if (need_S) {
+    if (p.shrink != nullptr) {
+      a.S = const_cast<float*>(p.shrink);  // read only in the backward
+    } else {
+      a.S = tls_buffer(ps.S, T * k);
+      over_tokens(16, [&](const Run& run, int64_t t0, int64_t t1) { kern.shrink(a, run.e, t0, t1, 0, k); });
+    }
+  }
+  if (need_u) {
+    a.grad_s = tls_buffer(ps.grad_s, T * k);
+    over_tokens(32, [&](const Run& run, int64_t t0, int64_t t1) { kern.grad_u(a, run, t0, t1); });
+  }
+  if (p.grad_gate) {
+    std::fill(p.grad_gate, p.grad_gate + T * k, 0.0f);
+    for (const Run& run : runs) {
+      if (run.e < 0) continue;
+      for (int64_t i = run.t0 * k; i < run.t1 * k; ++i) p.grad_gate[i] = p.scale * a.S[i] * a.grad_s[i];
+    }
+  }
+  if (p.grad_x || p.grad_A) {
+    for (const Run& run : runs) {
+      if (run.e < 0) continue;
+      for (int64_t i = run.t0 * k; i < run.t1 * k; ++i) a.grad_s[i] *= p.scale * (p.rank_gate ? p.rank_gate[i] : 1.0f);
+    }
+  }
+  if (p.grad_x) {
+    for (const Run& run : runs)
+      if (run.e < 0) zero_rows(p.grad_x, p.dtype, run.t0, run.t1, p.d_in, 0, p.d_in);
+    over_tokens(16, [&](const Run& run, int64_t t0, int64_t t1) { kern.grad_x(a, run, t0, t1); });
+  }
+  if (p.grad_A) {
+    a.v_full = tls_buffer(ps.v_full, T * r);
+    std::fill(a.v_full, a.v_full + T * r, 0.0f);
+    for (const Run& run : runs) {
+      if (run.e < 0) continue;
+      for (int64_t t = run.t0; t < run.t1; ++t) {
+        const int64_t* ranks = a.idx + t * a.idx_stride;
+        for (int64_t j = 0; j < k; ++j) a.v_full[t * r + ranks[j]] = a.grad_s[t * k + j];
+      }
+    }
+    over_experts(p.d_in, [&](int64_t e, int64_t c0, int64_t c1) { kern.grad_A(a, e, c0, c1); });
+  }
+  if (p.grad_B) {
+    a.w_full = tls_buffer(ps.w_full, T * r);
+    std::fill(a.w_full, a.w_full + T * r, 0.0f);
+    for (const Run& run : runs) {
+      if (run.e < 0) continue;
+      for (int64_t t = run.t0; t < run.t1; ++t) {
+        const int64_t* ranks = a.idx + t * a.idx_stride;
+        for (int64_t j = 0; j < k; ++j) {
+          const float g = p.rank_gate ? p.rank_gate[t * k + j] : 1.0f;
+          a.w_full[t * r + ranks[j]] = p.scale * g * a.S[t * k + j];
+        }
+      }
+    }
+    over_experts(p.d_out, [&](int64_t e, int64_t o0, int64_t o1) { kern.grad_B(a, e, o0, o1); });
+  }
+  ps.trim();
+}
+
+}  // namespace bem

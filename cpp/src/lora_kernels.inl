@@ -1,0 +1,291 @@
+// Masked multi-expert LoRA work items (shrink, expand, backward pieces) for one instruction set.
+// No include guard: lora_cpu.cpp includes this once per set, inside that set's target region and
+// namespace, after gemm_kernels.inl. Shared types (LoraArgs, Run, LoraKernels, segment_end,
+// tls_buffer) come from lora_cpu.cpp.
+
+// ---- shrink: S[t, j] = A[e][idx_tj, :] · x[t] ------------------------------------------------------
+// Dot-product tiles of MT tokens × MR rank rows: MT + MR vector loads feed MT·MR FMAs, and each
+// row of A is read once per MT tokens. A one-token tile (decode) takes more rows per pass over x.
+constexpr int kShrinkMT = W >= 16 ? 4 : (W >= 8 ? 3 : 2);
+constexpr int kShrinkMR = 4;
+constexpr int kShrinkMR1 = W >= 8 ? 8 : 4;
+
+template <class T, int MT, int MR>
+void shrink_tile(const T* const* xr, const T* const* ar, int64_t d, float* out) {
+  F acc[MT][MR];
+  for (int m = 0; m < MT; ++m)
+    for (int q = 0; q < MR; ++q) acc[m][q] = V::zero();
+  int64_t c = 0;
+  for (; c + W <= d; c += W) {
+    F xv[MT];
+    for (int m = 0; m < MT; ++m) xv[m] = V::load(xr[m] + c);
+    for (int q = 0; q < MR; ++q) {
+      const F av = V::load(ar[q] + c);
+      for (int m = 0; m < MT; ++m) acc[m][q] = V::fmadd(xv[m], av, acc[m][q]);
+    }
+  }
+  if (c < d) {
+    const int lanes = static_cast<int>(d - c);
+    F xv[MT];
+    for (int m = 0; m < MT; ++m) xv[m] = V::loadn(xr[m] + c, lanes);
+    for (int q = 0; q < MR; ++q) {
+      const F av = V::loadn(ar[q] + c, lanes);
+      for (int m = 0; m < MT; ++m) acc[m][q] = V::fmadd(xv[m], av, acc[m][q]);
+    }
+  }
+  constexpr int N = MT * MR;
+  constexpr int NPAD = (N + W - 1) / W * W;
+  float lanes_out[NPAD];
+  for (int g = 0; g < N; g += W) {
+    F grp[W];
+    for (int w = 0; w < W; ++w) grp[w] = g + w < N ? acc[(g + w) / MR][(g + w) % MR] : V::zero();
+    V::store(lanes_out + g, V::reduce_lanes(grp));
+  }
+  for (int i = 0; i < N; ++i) out[i] = lanes_out[i];
+}
+
+template <class T, int MT>
+void shrink_block(int nt, const T* const* xr, const T* A_e, int64_t d_in, const int64_t* ranks,
+                  int64_t j0, int64_t j1, float* S, int64_t k) {
+  if constexpr (MT > 1) {
+    if (nt < MT) {
+      shrink_block<T, MT - 1>(nt, xr, A_e, d_in, ranks, j0, j1, S, k);
+      return;
+    }
+  }
+  constexpr int MR = MT == 1 ? kShrinkMR1 : kShrinkMR;
+  float out[MT * MR];
+  for (int64_t j = j0; j < j1; j += MR) {
+    const int nr = static_cast<int>(std::min<int64_t>(MR, j1 - j));
+    const T* ar[MR];
+    for (int q = 0; q < MR; ++q) ar[q] = A_e + ranks[j + std::min(q, nr - 1)] * d_in;
+    shrink_tile<T, MT, MR>(xr, ar, d_in, out);
+    for (int m = 0; m < MT; ++m)
+      for (int q = 0; q < nr; ++q) S[m * k + j + q] = out[m * MR + q];
+  }
+}
+
+// S rows [t0, t1) (all routed to expert e), active slots [j0, j1).
+template <class T>
+void shrink(const LoraArgs& a, int64_t e, int64_t t0, int64_t t1, int64_t j0, int64_t j1) {
+  const T* x = static_cast<const T*>(a.x);
+  const T* A_e = static_cast<const T*>(a.A) + e * a.r * a.d_in;
+  int64_t t = t0;
+  while (t < t1) {
+    const int64_t* ranks = a.idx + t * a.idx_stride;
+    const int64_t s1 = segment_end(a, t, t1);
+    for (int64_t tt = t; tt < s1; tt += kShrinkMT) {
+      const int nt = static_cast<int>(std::min<int64_t>(kShrinkMT, s1 - tt));
+      const T* xr[kShrinkMT];
+      for (int m = 0; m < kShrinkMT; ++m) xr[m] = x + (tt + std::min(m, nt - 1)) * a.ld_x;
+      shrink_block<T, kShrinkMT>(nt, xr, A_e, a.d_in, ranks, j0, j1, a.S + tt * a.k, a.k);
+    }
+    t = s1;
+  }
+}
+
+// ---- expand: y[t, o] (+)= Σ_j coef[t, j] · B[e][o, idx_tj] ----------------------------------------
+// coef = scale · gate · S for tokens [t0, t0 + n).
+inline void fill_coef(const LoraArgs& a, int64_t t0, int64_t n, float* coef) {
+  const int64_t k = a.k;
+  for (int64_t i = 0; i < n * k; ++i) {
+    const int64_t g = t0 * k + i;
+    coef[i] = a.scale * (a.gate ? a.gate[g] : 1.0f) * a.S[g];
+  }
+}
+
+// Tokens [t0, t0 + n) through `combine`, grouping tokens that share their rank set (one set of
+// rows, MT tokens per tile) and batching the rest (one row set per token).
+template <class TY, class TR>
+bool combine_segments(const LoraArgs& a, int64_t t0, int64_t n, const TR* const* rows, int64_t c0,
+                      int64_t c1, const float* coef, TY* const* outs, bool accumulate) {
+  const int64_t k = a.k;
+  if (a.idx_stride == 0) return combine<TY, TR>(static_cast<int>(n), k, rows, 0, c0, c1, coef, outs, accumulate);
+  bool ok = true;
+  int64_t t = 0;
+  while (t < n) {
+    int64_t s1 = segment_end(a, t0 + t, t0 + n) - t0;
+    if (s1 - t >= 2) {
+      ok &= combine<TY, TR>(static_cast<int>(s1 - t), k, rows + t * k, 0, c0, c1, coef + t * k,
+                            outs + t, accumulate);
+    } else {
+      while (s1 < n && segment_end(a, t0 + s1, t0 + n) - t0 == s1 + 1) ++s1;
+      ok &= combine<TY, TR>(static_cast<int>(s1 - t), k, rows + t * k, k, c0, c1, coef + t * k,
+                            outs + t, accumulate);
+    }
+    t = s1;
+  }
+  return ok;
+}
+
+// Short runs: each block of W output rows of B (W·r contiguous values) is multiplied by the
+// token's zero-padded coefficient vector and reduced across lanes; no packing.
+template <class T>
+bool expand_rowdot(const LoraArgs& a, const Run& run, int64_t o0, int64_t o1) {
+  const int64_t n = run.t1 - run.t0, k = a.k, r = a.r;
+  const int64_t rv = (r + W - 1) / W, rpad = rv * W;
+  const int rtail = static_cast<int>(r - (rv - 1) * W);
+  thread_local std::vector<float> coef_buf, cfull_buf;
+  float* coef = tls_buffer(coef_buf, n * k);
+  float* cfull = tls_buffer(cfull_buf, n * rpad);
+  fill_coef(a, run.t0, n, coef);
+  std::fill(cfull, cfull + n * rpad, 0.0f);
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t* ranks = a.idx + (run.t0 + t) * a.idx_stride;
+    for (int64_t j = 0; j < k; ++j) cfull[t * rpad + ranks[j]] = coef[t * k + j];
+  }
+  const T* Be = static_cast<const T*>(a.B) + run.e * a.d_out * r;
+  T* y = static_cast<T*>(a.y);
+  F chk = V::zero();
+  for (int64_t ob = o0; ob < o1; ob += W) {
+    const int nrow = static_cast<int>(std::min<int64_t>(W, o1 - ob));
+    for (int64_t t = 0; t < n; ++t) {
+      const float* c = cfull + t * rpad;
+      F part[W];
+      for (int w = 0; w < W; ++w) {
+        if (w >= nrow) {
+          part[w] = V::zero();
+          continue;
+        }
+        const T* brow = Be + (ob + w) * r;
+        F acc = V::zero();
+        for (int64_t v = 0; v + 1 < rv; ++v) acc = V::fmadd(V::load(brow + v * W), V::load(c + v * W), acc);
+        const T* last = brow + (rv - 1) * W;
+        acc = V::fmadd(rtail == W ? V::load(last) : V::loadn(last, rtail), V::load(c + (rv - 1) * W), acc);
+        part[w] = acc;
+      }
+      store_out(y + (run.t0 + t) * a.ld_y + ob, V::reduce_lanes(part), nrow, a.accumulate, chk);
+    }
+  }
+  return V::all_zero(chk);
+}
+
+// Long runs: the used columns of B[e] are packed transposed (fp32, kPackCols outputs at a time, so
+// the panel stays in L2), then every token is a register-blocked rank-k update of its output row.
+constexpr int64_t kPackCols = 256;
+
+template <class T>
+bool expand_packed(const LoraArgs& a, const Run& run, int64_t o0, int64_t o1) {
+  const int64_t n = run.t1 - run.t0, k = a.k, r = a.r;
+  thread_local std::vector<float> coef_buf, pack_buf;
+  thread_local std::vector<int32_t> slot_buf;
+  thread_local std::vector<int64_t> used_buf;
+  thread_local std::vector<const float*> rows_buf;
+  thread_local std::vector<T*> outs_buf;
+  float* coef = tls_buffer(coef_buf, n * k);
+  fill_coef(a, run.t0, n, coef);
+  int32_t* slot = tls_buffer(slot_buf, r);
+  int64_t* used = tls_buffer(used_buf, r);
+  std::fill(slot, slot + r, -1);
+  int64_t n_used = 0;
+  for (int64_t t = run.t0; t < run.t1 && n_used < r; ++t) {
+    const int64_t* ranks = a.idx + t * a.idx_stride;
+    for (int64_t j = 0; j < k; ++j) {
+      if (slot[ranks[j]] < 0) {
+        slot[ranks[j]] = static_cast<int32_t>(n_used);
+        used[n_used++] = ranks[j];
+      }
+    }
+    if (a.idx_stride == 0) break;
+  }
+  float* packed = tls_buffer(pack_buf, n_used * kPackCols);
+  const int64_t n_rows = a.idx_stride == 0 ? k : n * k;
+  const float** rows = tls_buffer(rows_buf, n_rows);
+  for (int64_t i = 0; i < n_rows; ++i) {
+    rows[i] = packed + slot[a.idx[run.t0 * a.idx_stride + i]] * kPackCols;
+  }
+  T** outs = tls_buffer(outs_buf, n);
+  const T* Be = static_cast<const T*>(a.B) + run.e * a.d_out * r;
+  T* y = static_cast<T*>(a.y);
+  bool ok = true;
+  for (int64_t cb = o0; cb < o1; cb += kPackCols) {
+    const int64_t nc = std::min<int64_t>(kPackCols, o1 - cb);
+    for (int64_t o = 0; o < nc; ++o) {
+      const T* brow = Be + (cb + o) * r;
+      for (int64_t u = 0; u < n_used; ++u) packed[u * kPackCols + o] = to_float(brow[used[u]]);
+    }
+    for (int64_t t = 0; t < n; ++t) outs[t] = y + (run.t0 + t) * a.ld_y + cb;
+    ok &= combine_segments<T, float>(a, run.t0, n, rows, 0, nc, coef, outs, a.accumulate);
+  }
+  return ok;
+}
+
+template <class T>
+bool expand(const LoraArgs& a, const Run& run, int64_t o0, int64_t o1) {
+  return run.packed ? expand_packed<T>(a, run, o0, o1) : expand_rowdot<T>(a, run, o0, o1);
+}
+
+// ---- backward pieces --------------------------------------------------------------------------------
+// grad_s[t, j] = B[e][:, idx_tj] · dy[t]: the full r-vector dyᵀ·B[e] per token (B rows are
+// contiguous in r), then the active slots are picked.
+template <class T>
+void grad_u(const LoraArgs& a, const Run& run, int64_t t0, int64_t t1) {
+  const int64_t nt = t1 - t0, r = a.r, k = a.k;
+  thread_local std::vector<float> ufull_buf;
+  float* uf = tls_buffer(ufull_buf, nt * r);
+  const T* dy = static_cast<const T*>(a.dy);
+  const T* Be = static_cast<const T*>(a.B) + run.e * a.d_out * r;
+  gemm<T, T>(nt, r, a.d_out, dy + t0 * a.d_out, a.d_out, 1, Be, r, uf, r, false);
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t* ranks = a.idx + t * a.idx_stride;
+    for (int64_t j = 0; j < k; ++j) a.grad_s[t * k + j] = uf[(t - t0) * r + ranks[j]];
+  }
+}
+
+// grad_x[t] = Σ_j grad_s[t, j] · A[e][idx_tj, :] (rows of A are contiguous in d_in: no packing).
+template <class T>
+void grad_x(const LoraArgs& a, const Run& run, int64_t t0, int64_t t1) {
+  const int64_t n = t1 - t0, k = a.k;
+  thread_local std::vector<const T*> rows_buf;
+  thread_local std::vector<T*> outs_buf;
+  const int64_t n_rows = a.idx_stride == 0 ? k : n * k;
+  const T** rows = tls_buffer(rows_buf, n_rows);
+  T** outs = tls_buffer(outs_buf, n);
+  const T* A_e = static_cast<const T*>(a.A) + run.e * a.r * a.d_in;
+  for (int64_t i = 0; i < n_rows; ++i) rows[i] = A_e + a.idx[t0 * a.idx_stride + i] * a.d_in;
+  T* gx = static_cast<T*>(a.grad_x);
+  for (int64_t t = 0; t < n; ++t) outs[t] = gx + (t0 + t) * a.d_in;
+  combine_segments<T, T>(a, t0, n, rows, 0, a.d_in, a.grad_s + t0 * k, outs, false);
+}
+
+// grad_A[e][:, c0:c1) = Σ over e's tokens of v_full[t]ᵀ · x[t, c0:c1), in token order.
+template <class T>
+void grad_A(const LoraArgs& a, int64_t e, int64_t c0, int64_t c1) {
+  const int64_t r = a.r, d_in = a.d_in;
+  float* G = a.grad_A + e * r * d_in;
+  for (int64_t i = 0; i < r; ++i) std::fill(G + i * d_in + c0, G + i * d_in + c1, 0.0f);
+  const T* x = static_cast<const T*>(a.x);
+  for (int64_t q = 0; q < a.n_runs; ++q) {
+    const Run& run = a.runs[q];
+    if (run.e != e) continue;
+    gemm<float, T>(r, c1 - c0, run.t1 - run.t0, a.v_full + run.t0 * r, 1, r, x + run.t0 * d_in + c0,
+                   d_in, G + c0, d_in, true);
+  }
+}
+
+// grad_B[e][o0:o1, :] = Σ over e's tokens of dy[t, o0:o1)ᵀ · w_full[t], in token order.
+template <class T>
+void grad_B(const LoraArgs& a, int64_t e, int64_t o0, int64_t o1) {
+  const int64_t r = a.r, d_out = a.d_out;
+  float* G = a.grad_B + e * d_out * r;
+  std::fill(G + o0 * r, G + o1 * r, 0.0f);
+  const T* dy = static_cast<const T*>(a.dy);
+  for (int64_t q = 0; q < a.n_runs; ++q) {
+    const Run& run = a.runs[q];
+    if (run.e != e) continue;
+    gemm<T, float>(o1 - o0, r, run.t1 - run.t0, dy + run.t0 * d_out + o0, 1, d_out,
+                   a.w_full + run.t0 * r, r, G + o0 * r, r, true);
+  }
+}
+
+template <class T>
+LoraKernels lora_kernels_for() {
+  return LoraKernels{W, &shrink<T>, &expand<T>, &grad_u<T>, &grad_x<T>, &grad_A<T>, &grad_B<T>};
+}
+
+inline const LoraKernels& lora_kernels(DType dtype) {
+  static const LoraKernels f32 = lora_kernels_for<float>();
+  static const LoraKernels b16 = lora_kernels_for<bf16>();
+  static const LoraKernels h16 = lora_kernels_for<f16>();
+  return dtype == DType::F32 ? f32 : (dtype == DType::BF16 ? b16 : h16);
+}
