@@ -85,4 +85,5 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("index"));
 
   bem_bindings::bind_ops(m);
+  bem_bindings::bind_kv(m);
 }

@@ -4,4 +4,5 @@
 
 namespace bem_bindings {
 void bind_ops(pybind11::module_& m);  // bindings/ops.cpp: lora, kron, film kernels
+void bind_kv(pybind11::module_& m);  // bindings/kv.cpp: KVBlockManager, KVCacheFullError
 }  // namespace bem_bindings
