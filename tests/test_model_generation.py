@@ -25,9 +25,9 @@ CONFIGS = {
 }
 
 
-def _model(name, seed=0, **cfg):
+def _model(name, seed=0, dtype=torch.float64, **cfg):
     torch.manual_seed(seed)
-    m = BemForCausalLM(TransformerConfig(**{**CFG.to_dict(), **cfg})).double()
+    m = BemForCausalLM(TransformerConfig(**{**CFG.to_dict(), **cfg})).to(dtype)
     if CONFIGS[name] is not None:
         attach(m, CONFIGS[name])
         gen = torch.Generator().manual_seed(seed + 1)
@@ -61,6 +61,17 @@ def test_cached_equals_uncached_with_prefix_hits(name):
     out = generate(m, second, 8, cache=cache, head_temperature=temp2)
     assert cache.manager.stats().tokens_hit == 128 + 64
     assert out == generate(m, second, 8, head_temperature=temp2)
+
+
+@pytest.mark.parametrize("name", ["lora-experts", "V1-chunk", "V3", "V4"])
+def test_cached_equals_uncached_float32_kernels(name):
+    """float32 runs bem's compiled kernels; cached and recomputed K/V differ only by rounding."""
+    m = _model(name, dtype=torch.float32)
+    p = _prompts(9, [60, 100])
+    cache = new_kv_cache(m, 8)
+    assert generate(m, p, 8, cache=cache) == generate(m, p, 8)
+    assert generate(m, [p[1][:70]], 4, cache=cache) == generate(m, [p[1][:70]], 4)
+    assert cache.manager.stats().tokens_hit == 64
 
 
 def test_routing_key_changes_with_weights_and_request_controls():
