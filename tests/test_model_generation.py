@@ -160,5 +160,8 @@ def test_bad_arguments():
         generate(m, [[1]], 2, experts=-2)
     with pytest.raises(TypeError, match="cache"):
         generate(m, [[1]], 2, cache=object())
+    for bad in (torch.ones(2, 4), torch.zeros(1, 4), [[1.0]]):
+        with pytest.raises(ValueError, match="head_temperature"):
+            generate(m, [[1]], 2, head_temperature=bad)
     with pytest.raises(TypeError, match="BemForCausalLM"):
         new_kv_cache(torch.nn.Linear(2, 2), 4)

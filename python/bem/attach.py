@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from bem.modules.base import LinearAdapter
-from bem.modules.control import ChunkController, optional_control, _current
+from bem.modules.control import ChunkController, optional_control, pop_control, push_control
 from bem.modules.dynamic_rank import DynamicRankLoRA
 from bem.modules.gate_shaping import GateShaping
 from bem.modules.head_gating import HeadGating
@@ -231,14 +231,14 @@ def _control_pre_hook(model, args, kwargs):
                          "bem.model.generate (bem's model) or with use_cache=False")
     pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     ctrl = model.bem_controller.control(ids, pos, model.get_input_embeddings().weight)
-    model._bem_control_tokens.append(_current.set(ctrl))
+    model._bem_control_tokens.append(push_control(ctrl))
     return None
 
 
 def _control_post_hook(model, args, kwargs, output):
     token = model._bem_control_tokens.pop() if model._bem_control_tokens else None
     if token is not None:
-        _current.reset(token)
+        pop_control(token)
     return None
 
 

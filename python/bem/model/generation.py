@@ -59,11 +59,13 @@ def _controller(model):
     return getattr(model, "bem_controller", None)
 
 
-def _request_digest(model: BemForCausalLM, head_temperature: torch.Tensor | None, b: int) -> bytes:
+def _request_digest(model: BemForCausalLM, weights: bytes, head_temperature: torch.Tensor | None,
+                    b: int) -> bytes:
     """Digest of what a chunk's K/V depends on beyond the tokens: all weights (base, adapters,
-    controller), the bem config and row b's request-level controls."""
+    controller; `weights` = their bem.kv.weights_digest), the bem config and row b's
+    request-level controls."""
     h = hashlib.blake2b(digest_size=16, person=b"bem.model.key")
-    h.update(weights_digest(model))
+    h.update(weights)
     cfg = getattr(model, "bem_config", None)
     h.update(cfg.to_json().encode() if cfg is not None else b"")
     if head_temperature is not None:
@@ -163,6 +165,12 @@ def generate(model: BemForCausalLM, prompts, max_new_tokens: int, *, cache: KVCa
     if longest > model.config.max_positions:
         raise ValueError(f"max_new_tokens: prompts + new tokens reach {longest} positions, more "
                          f"than max_positions={model.config.max_positions}")
+    if head_temperature is not None and (
+            not isinstance(head_temperature, torch.Tensor) or head_temperature.dim() != 2 or
+            head_temperature.shape[0] != len(rows) or not head_temperature.is_floating_point() or
+            not bool((head_temperature > 0).all())):
+        raise ValueError(f"head_temperature: expected a ({len(rows)}, G) float tensor of positive "
+                         f"temperatures, got {getattr(head_temperature, 'shape', head_temperature)}")
     if cache is not None and not isinstance(cache, KVCache):
         raise TypeError(f"cache: expected a bem.kv.KVCache (see new_kv_cache), got "
                         f"{type(cache).__name__}")
@@ -207,7 +215,8 @@ def _generate_cached(model, cache, rows, max_new_tokens, do_sample, temperature,
                      generator, eos, experts, head_temperature):
     device = model.lm_head.weight.device
     version = getattr(getattr(model, "bem_config", None), "version", 0)
-    digests = [_request_digest(model, head_temperature, b) for b in range(len(rows))]
+    weights = weights_digest(model)
+    digests = [_request_digest(model, weights, head_temperature, b) for b in range(len(rows))]
     multi = _controller(model) is not None
 
     def key(b: int, expert_row: torch.Tensor | None, chunk: int) -> RoutingKey:

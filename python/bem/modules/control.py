@@ -60,6 +60,16 @@ def use_control(control: ChunkControl | None) -> Iterator[None]:
         _current.reset(token)
 
 
+def push_control(control: ChunkControl) -> contextvars.Token:
+    """Make `control` active until :func:`pop_control` with the returned token (for hooks that
+    open and close around a forward; prefer :func:`use_control`)."""
+    return _current.set(control)
+
+
+def pop_control(token: contextvars.Token) -> None:
+    _current.reset(token)
+
+
 def current_control(module: str, x: torch.Tensor) -> ChunkControl:
     """The active controls, checked against x (B, T, d); raises when none are set."""
     ctrl = _current.get()
