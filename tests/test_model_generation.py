@@ -172,6 +172,8 @@ def test_bad_arguments():
         generate(m, [[1]], 2, top_k=0)
     with pytest.raises(ValueError, match="experts"):
         generate(m, [[1]], 2, experts=-2)
+    with pytest.raises(ValueError, match="no chunk-routed"):
+        generate(m, [[1]], 2, experts=0)
     with pytest.raises(TypeError, match="cache"):
         generate(m, [[1]], 2, cache=object())
     for bad in (torch.ones(2, 4), torch.zeros(1, 4), [[1.0]]):
