@@ -74,6 +74,12 @@ def test_cached_equals_uncached_float32_kernels(name):
     assert cache.manager.stats().tokens_hit == 64
 
 
+def test_bfloat16_generation_runs():
+    m = _model("V1-chunk", dtype=torch.bfloat16)
+    out = generate(m, _prompts(10, [70, 3]), 4, cache=new_kv_cache(m, 8))
+    assert [len(r) for r in out] == [4, 4] and all(0 <= t < V for r in out for t in r)
+
+
 def test_routing_key_changes_with_weights_and_request_controls():
     m = _model("V2")
     p = _prompts(2, [70])
