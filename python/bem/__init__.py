@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 
 from bem import _ext
+from bem.attach import AdapterSpec, BemConfig, attach, detach, merge
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "get_num_threads", "set_num_threads"]
+__all__ = ["AdapterSpec", "BemConfig", "__version__", "attach", "detach", "get_num_threads",
+           "merge", "set_num_threads"]
 
 logging.getLogger("bem").addHandler(logging.NullHandler())
 
