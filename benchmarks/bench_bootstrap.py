@@ -128,6 +128,37 @@ def main() -> None:
         print(f"| {n} | {t_bem:.4f} | {t_scipy:.3f} | {t_scipy / t_bem:.0f}x | "
               f"{m_bem['rss_mb']:.1f} | {m_scipy['rss_mb']:.0f} | {m_bem['traced_mb']:.2f} | "
               f"{m_scipy['traced_mb']:.0f} |", flush=True)
+    if _ext.available():
+        _kernel_table(max(args.sizes), args.resamples, args.repeats)
+
+
+def _kernel_table(n: int, resamples: int, repeats: int) -> None:
+    """The C++ resampling core alone (no BCa arithmetic) per SIMD kernel and thread count."""
+    C = _ext.C()
+    x = _data(n)
+    threads = sorted({1, bem.get_num_threads()})
+    print(f"\nC++ resampling core alone (bem._C.bootstrap_linear), n = {n}, {resamples} resamples, "
+          f"median of {repeats} runs; all kernels return identical resamples.\n")
+    print("| kernel | " + " | ".join(f"{t} thread{'s' if t > 1 else ''} (s)" for t in threads)
+          + " | draws/s (most threads) |")
+    print("|---|" + "---:|" * (len(threads) + 1))
+    before = bem.get_num_threads()
+    try:
+        for kernel in C.bootstrap_kernels()[1:]:
+            cells = []
+            for t in threads:
+                bem.set_num_threads(t)
+                C.bootstrap_linear(x, None, resamples, 0, kernel=kernel)
+                times = []
+                for seed in range(1, repeats + 1):
+                    start = time.perf_counter()
+                    C.bootstrap_linear(x, None, resamples, seed, kernel=kernel)
+                    times.append(time.perf_counter() - start)
+                cells.append(statistics.median(times))
+            print(f"| {kernel} | " + " | ".join(f"{c:.4f}" for c in cells)
+                  + f" | {n * resamples / cells[-1]:.2e} |", flush=True)
+    finally:
+        bem.set_num_threads(before)
 
 
 if __name__ == "__main__":

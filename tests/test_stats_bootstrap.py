@@ -83,6 +83,17 @@ def test_core_equals_numpy_twin_bit_for_bit(n, weighted):
 
 
 @needs_core
+@pytest.mark.slow
+def test_core_equals_numpy_twin_on_the_rejection_path():
+    # n = 100003: Lemire rejects a draw with probability (2^32 mod n) / 2^32 = 9e-6, so the
+    # 16 × 100003 draws below reject about 14 times; both sides must redraw identically.
+    x = np.random.default_rng(1).standard_normal(100_003)
+    want, _ = _reference.bootstrap_linear(x, None, 16, 3)
+    got, _ = _ext.C().bootstrap_linear(x, None, 16, 3)
+    np.testing.assert_array_equal(got, want)
+
+
+@needs_core
 def test_core_result_does_not_depend_on_threads():
     x = _data("skewed", 1531, 4)
     before = bem.get_num_threads()

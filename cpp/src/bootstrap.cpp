@@ -46,29 +46,26 @@ inline uint64_t splitmix64_at(uint64_t seed, uint64_t position) {
 // xoshiro256** (Blackman & Vigna) for kLanes independent streams, stored as one array per state
 // word so the vector kernels load a word of all lanes with one instruction.
 struct LaneGenerators {
-  uint64_t s0[kLanes], s1[kLanes], s2[kLanes], s3[kLanes];
+  uint64_t s[4][kLanes];  // s[w][l]: state word w of lane l
 
   void seed(uint64_t seed, int64_t first_resample) {
     for (int l = 0; l < kLanes; ++l) {
       const uint64_t base = 4 * static_cast<uint64_t>(first_resample + l);
-      s0[l] = splitmix64_at(seed, base);
-      s1[l] = splitmix64_at(seed, base + 1);
-      s2[l] = splitmix64_at(seed, base + 2);
-      s3[l] = splitmix64_at(seed, base + 3);
+      for (int w = 0; w < 4; ++w) s[w][l] = splitmix64_at(seed, base + w);
     }
   }
 
   BEM_ALWAYS_INLINE uint64_t next(int l) {
-    const uint64_t x1 = s1[l] + (s1[l] << 2);  // s1 · 5, written as shifts so it vectorises
-    const uint64_t r = rotl(x1, 7);
-    const uint64_t result = r + (r << 3);      // · 9
-    const uint64_t t = s1[l] << 17;
-    s2[l] ^= s0[l];
-    s3[l] ^= s1[l];
-    s1[l] ^= s2[l];
-    s0[l] ^= s3[l];
-    s2[l] ^= t;
-    s3[l] = rotl(s3[l], 45);
+    const uint64_t x1 = s[1][l] + (s[1][l] << 2);  // s1 · 5, written as shifts as the vector
+    const uint64_t r = rotl(x1, 7);                // kernels compute it
+    const uint64_t result = r + (r << 3);          // · 9
+    const uint64_t t = s[1][l] << 17;
+    s[2][l] ^= s[0][l];
+    s[3][l] ^= s[1][l];
+    s[1][l] ^= s[2][l];
+    s[0][l] ^= s[3][l];
+    s[2][l] ^= t;
+    s[3][l] = rotl(s[3][l], 45);
     return result;
   }
 
@@ -205,6 +202,21 @@ __attribute__((target("avx2"), always_inline)) inline __m256i rotl_avx2(__m256i 
   return _mm256_or_si256(_mm256_slli_epi64(x, k), _mm256_srli_epi64(x, 64 - k));
 }
 
+// The generator states of all lanes: state[w][h] holds word w of lanes 4h .. 4h+3.
+__attribute__((target("avx2"), always_inline)) inline void load_avx2(const LaneGenerators& g,
+                                                                     __m256i (&state)[4][2]) {
+  for (int w = 0; w < 4; ++w)
+    for (int h = 0; h < 2; ++h)
+      state[w][h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.s[w] + 4 * h));
+}
+
+__attribute__((target("avx2"), always_inline)) inline void store_avx2(const __m256i (&state)[4][2],
+                                                                      LaneGenerators& g) {
+  for (int w = 0; w < 4; ++w)
+    for (int h = 0; h < 2; ++h)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(g.s[w] + 4 * h), state[w][h]);
+}
+
 template <bool kWeighted>
 __attribute__((target("avx2"))) void resample_block_avx2(const LinearTerms& terms, uint32_t n,
                                                          uint32_t reject_below, uint64_t seed,
@@ -217,27 +229,24 @@ __attribute__((target("avx2"))) void resample_block_avx2(const LinearTerms& term
   const __m256i vn = _mm256_set1_epi64x(n);
   const __m256i vreject = _mm256_set1_epi64x(reject_below);
   const __m256i low_word = _mm256_set1_epi64x(0xFFFFFFFFll);
-  __m256i s0[2], s1[2], s2[2], s3[2], num_acc[2], den_acc[2];
-  for (int h = 0; h < 2; ++h) {
-    s0[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.s0 + 4 * h));
-    s1[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.s1 + 4 * h));
-    s2[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.s2 + 4 * h));
-    s3[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.s3 + 4 * h));
-    num_acc[h] = den_acc[h] = _mm256_setzero_si256();
-  }
+  __m256i state[4][2];
+  load_avx2(g, state);
+  __m256i num_acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+  __m256i den_acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
   for (uint32_t j = 0; j + 1 < n; j += 2) {
     __m256i m_lo[2], m_hi[2];
     int rejected = 0;
     for (int h = 0; h < 2; ++h) {
-      const __m256i r = rotl_avx2<7>(_mm256_add_epi64(s1[h], _mm256_slli_epi64(s1[h], 2)));
+      __m256i &s0 = state[0][h], &s1 = state[1][h], &s2 = state[2][h], &s3 = state[3][h];
+      const __m256i r = rotl_avx2<7>(_mm256_add_epi64(s1, _mm256_slli_epi64(s1, 2)));
       const __m256i x = _mm256_add_epi64(r, _mm256_slli_epi64(r, 3));
-      const __m256i t = _mm256_slli_epi64(s1[h], 17);
-      s2[h] = _mm256_xor_si256(s2[h], s0[h]);
-      s3[h] = _mm256_xor_si256(s3[h], s1[h]);
-      s1[h] = _mm256_xor_si256(s1[h], s2[h]);
-      s0[h] = _mm256_xor_si256(s0[h], s3[h]);
-      s2[h] = _mm256_xor_si256(s2[h], t);
-      s3[h] = rotl_avx2<45>(s3[h]);
+      const __m256i t = _mm256_slli_epi64(s1, 17);
+      s2 = _mm256_xor_si256(s2, s0);
+      s3 = _mm256_xor_si256(s3, s1);
+      s1 = _mm256_xor_si256(s1, s2);
+      s0 = _mm256_xor_si256(s0, s3);
+      s2 = _mm256_xor_si256(s2, t);
+      s3 = rotl_avx2<45>(s3);
       m_lo[h] = _mm256_mul_epu32(x, vn);  // low word · n
       m_hi[h] = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), vn);
       // Both sides are below 2^32, so the signed 64-bit comparison is the unsigned one.
@@ -251,18 +260,10 @@ __attribute__((target("avx2"))) void resample_block_avx2(const LinearTerms& term
       for (int h = 0; h < 2; ++h) {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + 4 * h), m_lo[h]);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + 4 * h), m_hi[h]);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(g.s0 + 4 * h), s0[h]);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(g.s1 + 4 * h), s1[h]);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(g.s2 + 4 * h), s2[h]);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(g.s3 + 4 * h), s3[h]);
       }
+      store_avx2(state, g);
       add_checked_draws<kWeighted>(g, terms, n, reject_below, lo, hi, sums);
-      for (int h = 0; h < 2; ++h) {
-        s0[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.s0 + 4 * h));
-        s1[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.s1 + 4 * h));
-        s2[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.s2 + 4 * h));
-        s3[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.s3 + 4 * h));
-      }
+      load_avx2(g, state);
       continue;
     }
     for (int h = 0; h < 2; ++h) {
@@ -275,11 +276,8 @@ __attribute__((target("avx2"))) void resample_block_avx2(const LinearTerms& term
       }
     }
   }
+  store_avx2(state, g);
   for (int h = 0; h < 2; ++h) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(g.s0 + 4 * h), s0[h]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(g.s1 + 4 * h), s1[h]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(g.s2 + 4 * h), s2[h]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(g.s3 + 4 * h), s3[h]);
     alignas(32) int64_t part[4];
     _mm256_store_si256(reinterpret_cast<__m256i*>(part), num_acc[h]);
     for (int l = 0; l < 4; ++l) sums.num[4 * h + l] += part[l];
@@ -294,6 +292,16 @@ __attribute__((target("avx2"))) void resample_block_avx2(const LinearTerms& term
 // 105593), hence the pragma.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+__attribute__((target("avx512f"), always_inline)) inline void load_avx512(const LaneGenerators& g,
+                                                                         __m512i (&state)[4]) {
+  for (int w = 0; w < 4; ++w) state[w] = _mm512_loadu_si512(g.s[w]);
+}
+
+__attribute__((target("avx512f"), always_inline)) inline void store_avx512(const __m512i (&state)[4],
+                                                                          LaneGenerators& g) {
+  for (int w = 0; w < 4; ++w) _mm512_storeu_si512(g.s[w], state[w]);
+}
+
 template <bool kWeighted>
 __attribute__((target("avx512f"))) void resample_block_avx512(const LinearTerms& terms, uint32_t n,
                                                               uint32_t reject_below, uint64_t seed,
@@ -306,8 +314,9 @@ __attribute__((target("avx512f"))) void resample_block_avx512(const LinearTerms&
   const __m512i vn = _mm512_set1_epi64(n);
   const __m512i vreject = _mm512_set1_epi64(reject_below);
   const __m512i low_word = _mm512_set1_epi64(0xFFFFFFFFll);
-  __m512i s0 = _mm512_loadu_si512(g.s0), s1 = _mm512_loadu_si512(g.s1);
-  __m512i s2 = _mm512_loadu_si512(g.s2), s3 = _mm512_loadu_si512(g.s3);
+  __m512i state[4];
+  load_avx512(g, state);
+  __m512i &s0 = state[0], &s1 = state[1], &s2 = state[2], &s3 = state[3];
   __m512i num_acc = _mm512_setzero_si512(), den_acc = _mm512_setzero_si512();
   for (uint32_t j = 0; j + 1 < n; j += 2) {
     const __m512i r = _mm512_rol_epi64(_mm512_add_epi64(s1, _mm512_slli_epi64(s1, 2)), 7);
@@ -327,15 +336,9 @@ __attribute__((target("avx512f"))) void resample_block_avx512(const LinearTerms&
       uint64_t lo[kLanes], hi[kLanes];
       _mm512_storeu_si512(lo, m_lo);
       _mm512_storeu_si512(hi, m_hi);
-      _mm512_storeu_si512(g.s0, s0);
-      _mm512_storeu_si512(g.s1, s1);
-      _mm512_storeu_si512(g.s2, s2);
-      _mm512_storeu_si512(g.s3, s3);
+      store_avx512(state, g);
       add_checked_draws<kWeighted>(g, terms, n, reject_below, lo, hi, sums);
-      s0 = _mm512_loadu_si512(g.s0);
-      s1 = _mm512_loadu_si512(g.s1);
-      s2 = _mm512_loadu_si512(g.s2);
-      s3 = _mm512_loadu_si512(g.s3);
+      load_avx512(g, state);
       continue;
     }
     const __m512i a = _mm512_srli_epi64(m_lo, 32), b = _mm512_srli_epi64(m_hi, 32);
@@ -346,10 +349,7 @@ __attribute__((target("avx512f"))) void resample_block_avx512(const LinearTerms&
                                                            _mm512_i64gather_epi64(b, den, 8)));
     }
   }
-  _mm512_storeu_si512(g.s0, s0);
-  _mm512_storeu_si512(g.s1, s1);
-  _mm512_storeu_si512(g.s2, s2);
-  _mm512_storeu_si512(g.s3, s3);
+  store_avx512(state, g);
   int64_t part[kLanes];
   _mm512_storeu_si512(part, num_acc);
   for (int l = 0; l < kLanes; ++l) sums.num[l] += part[l];

@@ -30,6 +30,12 @@ def float_vector(value: object, name: str, *, min_size: int = 2) -> np.ndarray:
     return array
 
 
+def check_length(array: np.ndarray, name: str, n: int, reference: str) -> None:
+    """ValueError unless ``array`` has the ``n`` values of the argument named ``reference``."""
+    if array.size != n:
+        raise ValueError(f"{name}: expected {n} values (the length of {reference}), got {array.size}")
+
+
 def check_finite(array: np.ndarray, name: str) -> None:
     """ValueError naming the first non-finite element of ``array``."""
     bad = ~np.isfinite(array)

@@ -91,9 +91,9 @@ def bootstrap_linear(values: np.ndarray, weights: np.ndarray | None, n_resamples
     lanes = slice(None)
 
     def add(index: np.ndarray) -> None:
-        num_sum.__iadd__(num[index])
+        np.add(num_sum, num[index], out=num_sum)
         if den is not None:
-            den_sum.__iadd__(den[0][index])
+            np.add(den_sum, den[0][index], out=den_sum)
 
     with np.errstate(over="ignore"):
         for _ in range(n // 2):
@@ -110,9 +110,12 @@ def bootstrap_linear(values: np.ndarray, weights: np.ndarray | None, n_resamples
                     hi[lane] = _bounded(state, int(lane), n, reject_below)
             add(lo)
             add(hi)
-        if n % 2:
-            add(np.array([_bounded(state, lane, n, reject_below) for lane in range(n_resamples)],
-                         dtype=np.int64))
+        if n % 2:  # one more draw per lane, from the low word of its next output
+            m = (_next(state, lanes) & _LOW_WORD) * np.uint64(n)
+            last = (m >> np.uint64(32)).astype(np.int64)
+            for lane in np.flatnonzero((m & _LOW_WORD) < reject_below):
+                last[lane] = _bounded(state, int(lane), n, reject_below)
+            add(last)
     den_terms = None if den is None else (den_sum, den[1])
     distribution = _statistic(num_sum, num_shift, den_terms, n)
     observed_den = None if den is None else (den[0].sum(), den[1])

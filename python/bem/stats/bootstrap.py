@@ -74,9 +74,7 @@ def bca_interval(data, *, statistic: str | Callable = "mean", paired_with=None, 
     x = _checks.float_vector(data, "data")
     if paired_with is not None:
         other = _checks.float_vector(paired_with, "paired_with")
-        if other.shape != x.shape:
-            raise ValueError(f"paired_with: expected {x.size} values (the length of data), "
-                             f"got {other.size}")
+        _checks.check_length(other, "paired_with", x.size, "data")
         with np.errstate(over="ignore"):
             x = x - other
         _checks.check_finite(x, "data - paired_with")
@@ -90,8 +88,7 @@ def bca_interval(data, *, statistic: str | Callable = "mean", paired_with=None, 
         _checks.choice(statistic, "statistic", ("mean",))
         w = None if weights is None else _checks.float_vector(weights, "weights")
         if w is not None:
-            if w.shape != x.shape:
-                raise ValueError(f"weights: expected {x.size} values (the length of data), got {w.size}")
+            _checks.check_length(w, "weights", x.size, "data")
             if np.any(w <= 0):
                 index = int(np.flatnonzero(w <= 0)[0])
                 raise ValueError(f"weights: expected values > 0, got {w[index]} at index {index}")

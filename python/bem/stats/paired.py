@@ -38,8 +38,7 @@ def paired_test(a, b, *, method: str = "t", alternative: str = "two-sided",
     """
     x = _checks.float_vector(a, "a")
     y = _checks.float_vector(b, "b")
-    if y.shape != x.shape:
-        raise ValueError(f"b: expected {x.size} values (the length of a), got {y.size}")
+    _checks.check_length(y, "b", x.size, "a")
     _checks.choice(method, "method", _METHODS)
     _checks.choice(alternative, "alternative", _ALTERNATIVES)
     n_resamples = _checks.integer(n_resamples, "n_resamples", minimum=1)
