@@ -16,7 +16,7 @@ cmake --build build/gpu -j 16 > "$OUT_DIR/build.log" 2>&1 || { grep -E "error|Er
 echo "build: $(( $(date +%s) - t0 )) s"
 export PYTHONPATH="$PWD/python" PYTHONUNBUFFERED=1
 python3 -m bem info
-python3 -m pytest -q -x -k "cuda" -p no:cacheprovider tests/test_ops_lora.py tests/test_ops_kron.py \
-  tests/test_ops_film.py 2>&1 | tee "$OUT_DIR/pytest-cuda.log" | tail -40
+timeout 240 python3 -m pytest -q -k "cuda" -p no:cacheprovider tests/ 2>&1 \
+  | tee "$OUT_DIR/pytest-cuda.log" | tail -40
 python3 benchmarks/gpu/bench_cuda.py 2>&1 | tee "$OUT_DIR/bench-cuda.md"
 echo "total: $(( $(date +%s) - t0 )) s"
