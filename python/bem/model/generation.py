@@ -1,0 +1,274 @@
+"""Greedy and sampled generation for bem's built-in transformer, batched over prompts, either
+recomputing every step without a cache or through the routing-keyed paged KV cache (bem.kv):
+prefill matches the cached prefix and computes only the rest; decode appends one token a step."""
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+
+import torch
+
+from bem.kv import KVCache, RoutingKey, weights_digest
+from bem.model.transformer import AttentionBatch, BemForCausalLM
+from bem.modules.control import CHUNK_SIZE, ChunkControl
+
+
+def new_kv_cache(model: BemForCausalLM, num_blocks: int, *, backend: str = "auto") -> KVCache:
+    """A bem.kv.KVCache shaped for `model` (its layers, heads, head width, dtype and device),
+    with 64-token blocks (one routing chunk each). Keep it across generate() calls to reuse
+    prefixes between requests."""
+    if not isinstance(model, BemForCausalLM):
+        raise TypeError(f"model: expected BemForCausalLM, got {type(model).__name__}")
+    cfg = model.config
+    p = model.lm_head.weight
+    return KVCache.allocate(layers=cfg.n_layers, heads=cfg.n_heads, head_dim=cfg.head_dim,
+                            num_blocks=num_blocks, block_size=CHUNK_SIZE, dtype=p.dtype,
+                            device=p.device, backend=backend)
+
+
+class _PagedStep:
+    """The K/V of one forward step through a KVCache: row b's valid new tokens go to slots[b];
+    every row reads its sequence's whole context (padded to the longest)."""
+
+    def __init__(self, cache: KVCache, seqs: list[int], slots: list[torch.Tensor],
+                 counts: list[int]):
+        self.cache, self.seqs, self.slots, self.counts = cache, seqs, slots, counts
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        for b, (slots, n) in enumerate(zip(self.slots, self.counts)):
+            self.cache.write(layer, slots, k[b, :n].transpose(0, 1).contiguous(),
+                             v[b, :n].transpose(0, 1).contiguous())
+
+    def read(self, layer: int):
+        ks, vs = zip(*(self.cache.read(layer, s) for s in self.seqs))      # (H, N_b, D) each
+        lengths = [k.shape[1] for k in ks]
+        L = max(lengths)
+        H, D = ks[0].shape[0], ks[0].shape[2]
+        keys = ks[0].new_zeros(len(ks), L, H, D)
+        values = keys.clone()
+        for b, (k, v) in enumerate(zip(ks, vs)):
+            keys[b, : k.shape[1]] = k.transpose(0, 1)
+            values[b, : v.shape[1]] = v.transpose(0, 1)
+        pos = torch.arange(L, device=keys.device).expand(len(ks), L)
+        n = torch.tensor(lengths, device=keys.device)[:, None]
+        return keys, values, pos, pos < n
+
+
+def _controller(model):
+    return getattr(model, "bem_controller", None)
+
+
+def _request_digest(model: BemForCausalLM, weights: bytes, head_temperature: torch.Tensor | None,
+                    b: int) -> bytes:
+    """Digest of what a chunk's K/V depends on beyond the tokens: all weights (base, adapters,
+    controller; `weights` = their bem.kv.weights_digest), the bem config and row b's
+    request-level controls."""
+    h = hashlib.blake2b(digest_size=16, person=b"bem.model.key")
+    h.update(weights)
+    cfg = getattr(model, "bem_config", None)
+    h.update(cfg.to_json().encode() if cfg is not None else b"")
+    if head_temperature is not None:
+        t = head_temperature[b].detach().to("cpu", torch.float64).contiguous()
+        h.update(struct.pack("<q", t.numel()))
+        h.update(t.numpy().tobytes())
+    return h.digest()
+
+
+def _padded(rows: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, S) int64 ids and (B, S) validity mask."""
+    S = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), S, dtype=torch.int64, device=device)
+    valid = torch.zeros(len(rows), S, dtype=torch.bool, device=device)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = torch.as_tensor(list(r), dtype=torch.int64, device=device)
+        valid[b, : len(r)] = True
+    return ids, valid
+
+
+def _control(model, ids: torch.Tensor, positions: torch.Tensor, experts, head_temperature
+             ) -> ChunkControl | None:
+    ctl = _controller(model)
+    if ctl is None:
+        return None
+    return ctl.control(ids, positions, model.get_input_embeddings().weight, experts=experts,
+                       head_temperature=head_temperature)
+
+
+def _check_prompts(model, prompts) -> list[list[int]]:
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2:
+            raise ValueError(f"prompts: expected a (B, T) tensor or a list of token lists, got "
+                             f"shape {tuple(prompts.shape)}")
+        prompts = prompts.tolist()
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts: expected a non-empty list of token-id lists")
+    out = []
+    V = model.config.vocab_size
+    for i, p in enumerate(prompts):
+        p = list(p)
+        if not p:
+            raise ValueError(f"prompts[{i}]: expected at least one token")
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V for t in p):
+            raise ValueError(f"prompts[{i}]: expected ints in [0, {V})")
+        out.append(p)
+    return out
+
+
+def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
+                 generator: torch.Generator | None) -> list[int]:
+    """logits (B, V) → one token per row: argmax, or a sample from softmax(logits / T) restricted
+    to the top_k."""
+    if not do_sample:
+        return logits.argmax(-1).tolist()
+    z = logits.to(torch.float64) / temperature
+    if top_k is not None:
+        kth = z.topk(min(top_k, z.shape[-1]), dim=-1).values[:, -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    return torch.multinomial(z.softmax(-1), 1, generator=generator).squeeze(-1).tolist()
+
+
+@torch.no_grad()
+def generate(model: BemForCausalLM, prompts, max_new_tokens: int, *, cache: KVCache | None = None,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+             generator: torch.Generator | None = None, eos_token_id: int | None = None,
+             experts: int | None = None, head_temperature: torch.Tensor | None = None
+             ) -> list[list[int]]:
+    """Continue each prompt by up to `max_new_tokens` tokens.
+
+    Args:
+        model: a BemForCausalLM (with or without attached bem modules).
+        prompts: list of B token-id lists (lengths may differ) or a (B, T) int tensor.
+        cache: a bem.kv.KVCache from :func:`new_kv_cache` — K/V is written and read through it
+            and full 64-token blocks are reused across calls when their tokens, prefix and
+            routing key (expert, digest of weights + config + request controls, config version)
+            match. None: recompute the whole sequence every step (the reference).
+        do_sample: sample from softmax(logits / temperature), optionally top_k; else greedy.
+        generator: torch.Generator for sampling (reproducible runs).
+        eos_token_id: a row stops after producing it.
+        experts: one expert id for every chunk (−1 = no adapter), overriding the router.
+        head_temperature: (B, G) V2 gate temperatures (GateShaping output), fixed per request.
+
+    Returns: B lists of new token ids.
+    """
+    rows = _check_prompts(model, prompts)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+    if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature: expected > 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k: expected a positive int or None, got {top_k!r}")
+    if experts is not None and (isinstance(experts, bool) or not isinstance(experts, int) or
+                                experts < -1):
+        raise ValueError(f"experts: expected an int >= -1 or None, got {experts!r}")
+    longest = max(len(r) for r in rows) + max_new_tokens
+    if longest > model.config.max_positions:
+        raise ValueError(f"max_new_tokens: prompts + new tokens reach {longest} positions, more "
+                         f"than max_positions={model.config.max_positions}")
+    if head_temperature is not None and (
+            not isinstance(head_temperature, torch.Tensor) or head_temperature.dim() != 2 or
+            head_temperature.shape[0] != len(rows) or not head_temperature.is_floating_point() or
+            not bool((head_temperature > 0).all())):
+        raise ValueError(f"head_temperature: expected a ({len(rows)}, G) float tensor of positive "
+                         f"temperatures, got {getattr(head_temperature, 'shape', head_temperature)}")
+    if cache is not None and not isinstance(cache, KVCache):
+        raise TypeError(f"cache: expected a bem.kv.KVCache (see new_kv_cache), got "
+                        f"{type(cache).__name__}")
+    was_training = model.training
+    model.eval()
+    try:
+        if cache is None:
+            return _generate_uncached(model, rows, max_new_tokens, do_sample, temperature, top_k,
+                                      generator, eos_token_id, experts, head_temperature)
+        return _generate_cached(model, cache, rows, max_new_tokens, do_sample, temperature,
+                                top_k, generator, eos_token_id, experts, head_temperature)
+    finally:
+        model.train(was_training)
+
+
+def _done(new: list[int], max_new_tokens: int, eos: int | None) -> bool:
+    return len(new) >= max_new_tokens or (eos is not None and bool(new) and new[-1] == eos)
+
+
+def _generate_uncached(model, rows, max_new_tokens, do_sample, temperature, top_k, generator,
+                       eos, experts, head_temperature):
+    device = model.lm_head.weight.device
+    outs: list[list[int]] = [[] for _ in rows]
+    while True:
+        live = [b for b in range(len(rows)) if not _done(outs[b], max_new_tokens, eos)]
+        if not live:
+            return outs
+        hist = [rows[b] + outs[b] for b in live]
+        ids, valid = _padded(hist, device)
+        pos = torch.arange(ids.shape[1], device=device).expand_as(ids)
+        temp = head_temperature[live] if head_temperature is not None else None
+        ctrl = _control(model, ids, pos, experts, temp)
+        logits = model(ids, valid=valid, control=ctrl)
+        last = torch.tensor([len(h) - 1 for h in hist], device=device)
+        nxt = _next_tokens(logits[torch.arange(len(live)), last], do_sample, temperature, top_k,
+                           generator)
+        for b, t in zip(live, nxt):
+            outs[b].append(t)
+
+
+def _generate_cached(model, cache, rows, max_new_tokens, do_sample, temperature, top_k,
+                     generator, eos, experts, head_temperature):
+    device = model.lm_head.weight.device
+    version = getattr(getattr(model, "bem_config", None), "version", 0)
+    weights = weights_digest(model)
+    digests = [_request_digest(model, weights, head_temperature, b) for b in range(len(rows))]
+    multi = _controller(model) is not None
+
+    def key(b: int, expert_row: torch.Tensor | None, chunk: int) -> RoutingKey:
+        e = int(expert_row[chunk]) if expert_row is not None else (0 if multi else -1)
+        return RoutingKey(e, digests[b], version)
+
+    outs: list[list[int]] = [[] for _ in rows]
+    seqs: dict[int, int] = {}
+    try:
+        # Prefill: per-chunk experts of the whole prompt give the routing keys to match under.
+        ids, _ = _padded(rows, device)
+        pos_all = torch.arange(ids.shape[1], device=device).expand_as(ids)
+        full = _control(model, ids, pos_all, experts, head_temperature)
+        step_rows, step_pos, slots, counts = [], [], [], []
+        for b, r in enumerate(rows):
+            erow = full.experts[b] if full is not None and full.experts is not None else None
+            pre = cache.prefill(r, [key(b, erow, c) for c in range(-(-len(r) // CHUNK_SIZE))])
+            seqs[b] = pre.seq
+            step_rows.append(r[pre.cached_tokens:])
+            step_pos.append(list(range(pre.cached_tokens, len(r))))
+            slots.append(pre.slots)
+            counts.append(len(r) - pre.cached_tokens)
+        live = list(range(len(rows)))
+        positions, _ = _padded(step_pos, device)
+        ctrl = _control(model, ids, positions, experts, head_temperature)
+        while True:
+            step_ids, valid = _padded(step_rows, device)
+            batch = AttentionBatch(positions, valid,
+                                   _PagedStep(cache, [seqs[b] for b in live], slots, counts))
+            logits = model(step_ids, control=ctrl, batch=batch)
+            last = torch.tensor([n - 1 for n in counts], device=device)
+            nxt = _next_tokens(logits[torch.arange(len(live)), last], do_sample, temperature,
+                               top_k, generator)
+            for b, t in zip(live, nxt):
+                outs[b].append(t)
+            live = [b for b in live if not _done(outs[b], max_new_tokens, eos)]
+            if not live:
+                return outs
+            # Decode: the new token's chunk keys on the expert its controls chose.
+            hist, _ = _padded([rows[b] + outs[b] for b in live], device)
+            positions = torch.tensor([[len(rows[b]) + len(outs[b]) - 1] for b in live],
+                                     device=device)
+            temp = head_temperature[live] if head_temperature is not None else None
+            ctrl = _control(model, hist, positions, experts, temp)
+            step_rows, slots, counts = [], [], []
+            for i, b in enumerate(live):
+                erow = ctrl.experts[i] if ctrl is not None and ctrl.experts is not None else None
+                chunk = int(positions[i, 0]) // CHUNK_SIZE
+                slots.append(cache.extend(seqs[b], [outs[b][-1]], key(b, erow, chunk)))
+                step_rows.append([outs[b][-1]])
+                counts.append(1)
+    finally:
+        for s in seqs.values():
+            cache.free(s)
+

@@ -1,0 +1,151 @@
+"""Per-chunk controls shared by bem modules: the cache-safety rule, the context that carries the
+controls of one forward pass to every module, and the controller that computes them from token ids.
+
+Cache-safety rule: the controls of chunk c (expert, rank mask, gates, γ/β) are a function of the
+token ids of chunks < c only (plus request-level values fixed before generation). They are thus
+known when chunk c's first token is decoded, and the K/V of a token never changes later.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CHUNK_SIZE = 64
+
+_current: contextvars.ContextVar[ChunkControl | None] = contextvars.ContextVar("bem_control",
+                                                                              default=None)
+
+
+@dataclass(frozen=True)
+class ChunkControl:
+    """The controls of one forward pass.
+
+    features: (B, C, d_ctrl) float — feature of chunk c, computed from tokens of chunks < c.
+    token_chunk: (B, T) int64 — the chunk (index into C) of each token of the current input.
+    experts: (B, C) int64 or None — expert of each chunk; −1 = no adapter.
+    head_temperature: (B, G) float or None — V2's per-group gate temperatures, fixed per request.
+    """
+
+    features: torch.Tensor
+    token_chunk: torch.Tensor
+    experts: torch.Tensor | None = None
+    head_temperature: torch.Tensor | None = None
+
+    def per_token(self, per_chunk: torch.Tensor) -> torch.Tensor:
+        """(B, C, ...) → (B, T, ...): each token takes the value of its chunk."""
+        B, T = self.token_chunk.shape
+        idx = self.token_chunk.reshape(B, T, *([1] * (per_chunk.dim() - 2)))
+        return torch.gather(per_chunk, 1, idx.expand(B, T, *per_chunk.shape[2:]))
+
+    def token_experts(self) -> torch.Tensor | None:
+        """(B·T,) int64 expert of every token, or None when no experts were chosen."""
+        if self.experts is None:
+            return None
+        return self.per_token(self.experts).reshape(-1)
+
+
+@contextlib.contextmanager
+def use_control(control: ChunkControl | None) -> Iterator[None]:
+    """Make `control` the controls seen by bem modules inside the block (thread/task local)."""
+    token = _current.set(control)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def push_control(control: ChunkControl) -> contextvars.Token:
+    """Make `control` active until :func:`pop_control` with the returned token (for hooks that
+    open and close around a forward; prefer :func:`use_control`)."""
+    return _current.set(control)
+
+
+def pop_control(token: contextvars.Token) -> None:
+    _current.reset(token)
+
+
+def current_control(module: str, x: torch.Tensor) -> ChunkControl:
+    """The active controls, checked against x (B, T, d); raises when none are set."""
+    ctrl = _current.get()
+    if ctrl is None:
+        raise RuntimeError(f"{module}: needs per-chunk controls; call the model attached with "
+                           "bem.attach (or run inside bem.modules.use_control(...))")
+    if x.dim() != 3 or tuple(x.shape[:2]) != tuple(ctrl.token_chunk.shape):
+        raise ValueError(f"{module}: x: expected shape (B, T, d) with (B, T) = "
+                         f"{tuple(ctrl.token_chunk.shape)} (the controls' tokens), got {tuple(x.shape)}")
+    return ctrl
+
+
+def optional_control() -> ChunkControl | None:
+    return _current.get()
+
+
+class ChunkController(nn.Module):
+    """Computes per-chunk features (and experts) from token ids, following the cache-safety rule.
+
+    feature[c] = rms_norm(mean of the input embeddings of chunk c−1's tokens) for c ≥ 1, and a
+    learned default for chunk 0. With ``num_experts > 1`` a linear router picks each chunk's expert
+    as the argmax over its feature.
+
+    Args:
+        d_model: width of the input embeddings (= d_ctrl of the features).
+        num_experts: experts to route between (1: no router).
+        chunk_size: tokens per chunk (64: the KV block).
+    """
+
+    def __init__(self, d_model: int, num_experts: int = 1, chunk_size: int = CHUNK_SIZE):
+        super().__init__()
+        for name, v in (("d_model", d_model), ("num_experts", num_experts), ("chunk_size", chunk_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ChunkController: {name}: expected a positive int, got {v!r}")
+        self.d_model, self.num_experts, self.chunk_size = d_model, num_experts, chunk_size
+        self.default = nn.Parameter(torch.zeros(d_model))
+        self.router = nn.Linear(d_model, num_experts) if num_experts > 1 else None
+
+    def features(self, ids: torch.Tensor, embedding: torch.Tensor, num_chunks: int) -> torch.Tensor:
+        """ids: (B, S) int64 token history (anything past a sequence's end is ignored where it
+        matters: it only feeds chunks after the sequence's last one); embedding: (V, d) weight.
+        Returns (B, num_chunks, d) features in the embedding's dtype."""
+        B, S = ids.shape
+        cs = self.chunk_size
+        need = (num_chunks - 1) * cs  # chunk c ≥ 1 reads tokens [(c−1)·cs, c·cs)
+        if need > S:
+            raise ValueError(f"ChunkController: ids: {num_chunks} chunks need the first {need} "
+                             f"tokens, got {S}")
+        default = self.default.to(embedding.dtype).expand(B, 1, self.d_model)
+        if num_chunks == 1:
+            return default
+        emb = F.embedding(ids[:, :need], embedding).reshape(B, num_chunks - 1, cs, -1).mean(2)
+        return torch.cat([default, F.rms_norm(emb, (emb.shape[-1],))], dim=1)
+
+    def route(self, features: torch.Tensor) -> torch.Tensor | None:
+        """(B, C, d) → (B, C) int64 expert per chunk, or None with one expert."""
+        if self.router is None:
+            return None
+        return self.router(features).argmax(-1)
+
+    def control(self, ids: torch.Tensor, positions: torch.Tensor, embedding: torch.Tensor, *,
+                experts: torch.Tensor | int | None = None,
+                head_temperature: torch.Tensor | None = None) -> ChunkControl:
+        """Controls for the tokens at `positions` (B, T) of sequences whose history is `ids` (B, S)
+        (S ≥ the start of each token's chunk). `experts` overrides the router: an int for every
+        chunk, or (B, C) per chunk."""
+        num_chunks = int(positions.max()) // self.chunk_size + 1
+        feats = self.features(ids, embedding, num_chunks)
+        if experts is None:
+            chosen = self.route(feats)
+        elif isinstance(experts, int):
+            chosen = torch.full(feats.shape[:2], experts, dtype=torch.int64, device=ids.device)
+        else:
+            chosen = experts[:, :num_chunks].to(torch.int64)
+        if chosen is not None and chosen.shape[1] < num_chunks:
+            raise ValueError(f"experts: expected at least {num_chunks} chunks per row, got "
+                             f"{tuple(chosen.shape)}")
+        return ChunkControl(feats, (positions // self.chunk_size).to(torch.int64), chosen,
+                            head_temperature)

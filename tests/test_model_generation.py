@@ -1,0 +1,167 @@
+"""Cached generation through bem.kv equals recomputation without a cache, token for token, for
+every bem module (prefix hits from earlier requests included); routing keys that change with
+weights and request controls; sampling; the cache-safety rule; bad arguments."""
+import pytest
+import torch
+
+from bem.attach import AdapterSpec, BemConfig, attach
+from bem.model import BemForCausalLM, TransformerConfig, generate, new_kv_cache
+from bem.modules import ChunkController
+
+V = 61
+CFG = TransformerConfig(vocab_size=V, d_model=24, n_layers=2, n_heads=4, d_ff=40)
+
+CONFIGS = {
+    "base": None,
+    "lora": BemConfig.preset("lora", rank=4),
+    "lora-experts": BemConfig.preset("lora", rank=3, num_experts=3),
+    "PT1": BemConfig.preset("PT1"),
+    "V1-chunk": BemConfig.preset("V1", rank=6, num_experts=2),
+    "V1-token": BemConfig([AdapterSpec("dynamic_rank", ["q_proj", "v_proj"],
+                                       {"rank": 6, "active": 2, "mode": "token"})]),
+    "V2": BemConfig.preset("V2"),
+    "V3": BemConfig.preset("V3", budget=0.5),
+    "V4": BemConfig.preset("V4"),
+}
+
+
+def _model(name, seed=0, dtype=torch.float64, **cfg):
+    torch.manual_seed(seed)
+    m = BemForCausalLM(TransformerConfig(**{**CFG.to_dict(), **cfg})).to(dtype)
+    if CONFIGS[name] is not None:
+        attach(m, CONFIGS[name])
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():   # move every adapter away from its identity init
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
+    return m
+
+
+def _prompts(seed, lengths):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V, (n,), generator=gen).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cached_equals_uncached_with_prefix_hits(name):
+    m = _model(name)
+    temp = None
+    if name == "V2":
+        temp = torch.tensor([[0.5, 1.0, 2.0, 0.3], [1.5, 0.2, 0.9, 3.0]], dtype=torch.float64)
+    first = _prompts(1, [60, 130])            # row 0 decodes across the chunk boundary at 64
+    cache = new_kv_cache(m, 16)
+    out1 = generate(m, first, 8, cache=cache, head_temperature=temp)
+    assert out1 == generate(m, first, 8, head_temperature=temp)
+    assert cache.manager.stats().tokens_hit == 0
+    # A later request sharing full chunks with the first — one of them filled during decode —
+    # hits them, and still gives the same tokens as recomputation.
+    second = [first[1][:129] + [3, 4], first[0] + out1[0][:5]]
+    temp2 = temp[[1, 0]] if temp is not None else None
+    out = generate(m, second, 8, cache=cache, head_temperature=temp2)
+    assert cache.manager.stats().tokens_hit == 128 + 64
+    assert out == generate(m, second, 8, head_temperature=temp2)
+
+
+@pytest.mark.parametrize("name", ["lora-experts", "V1-chunk", "V3", "V4"])
+def test_cached_equals_uncached_float32_kernels(name):
+    """float32 runs bem's compiled kernels; cached and recomputed K/V differ only by rounding."""
+    m = _model(name, dtype=torch.float32)
+    p = _prompts(9, [60, 100])
+    cache = new_kv_cache(m, 8)
+    assert generate(m, p, 8, cache=cache) == generate(m, p, 8)
+    assert generate(m, [p[1][:70]], 4, cache=cache) == generate(m, [p[1][:70]], 4)
+    assert cache.manager.stats().tokens_hit == 64
+
+
+def test_routing_key_changes_with_weights_and_request_controls():
+    m = _model("V2")
+    p = _prompts(2, [70])
+    t1 = torch.full((1, 4), 0.7, dtype=torch.float64)
+    cache = new_kv_cache(m, 8)
+    generate(m, p, 3, cache=cache, head_temperature=t1)
+    generate(m, p, 3, cache=cache, head_temperature=t1 * 2)        # other request controls
+    assert cache.manager.stats().tokens_hit == 0
+    generate(m, p, 3, cache=cache, head_temperature=t1)
+    assert cache.manager.stats().tokens_hit == 64
+    with torch.no_grad():                                            # reload other weights
+        m.model.layers[0].self_attn.o_proj.gate_proj.bias.add_(0.5)
+    out = generate(m, p, 3, cache=cache, head_temperature=t1)
+    assert cache.manager.stats().tokens_hit == 64                    # no stale K/V
+    assert out == generate(m, p, 3, head_temperature=t1)
+
+
+def test_expert_override_and_learned_positions_plain_mlp():
+    m = _model("lora-experts", positions="learned", mlp="plain")
+    p = _prompts(3, [66, 9])
+    cache = new_kv_cache(m, 16)
+    for experts in (None, 2, -1):
+        assert generate(m, p, 4, cache=cache, experts=experts) == generate(m, p, 4, experts=experts)
+    keys = {k.expert for k in cache.manager.routing_keys}
+    assert {-1, 2} <= keys
+
+
+def test_sampling_reproducible_and_equal_with_cache():
+    m = _model("V1-chunk")
+    p = _prompts(4, [62, 20])
+    kw = dict(do_sample=True, temperature=0.8, top_k=7)
+    a = generate(m, p, 6, generator=torch.Generator().manual_seed(5), **kw)
+    b = generate(m, p, 6, cache=new_kv_cache(m, 8), generator=torch.Generator().manual_seed(5), **kw)
+    assert a == b and all(len(r) == 6 for r in a)
+
+
+def test_eos_stops_a_row():
+    m = _model("lora")
+    p = _prompts(6, [10, 12])
+    ref = generate(m, p, 6)
+    eos = ref[0][2]
+    out = generate(m, p, 6, eos_token_id=eos, cache=new_kv_cache(m, 4))
+    assert out[0] == ref[0][: ref[0].index(eos) + 1]
+    assert out[1] == (ref[1][: ref[1].index(eos) + 1] if eos in ref[1] else ref[1])
+
+
+@pytest.mark.parametrize("name", ["V1-chunk", "V4", "lora-experts"])
+def test_controls_depend_only_on_earlier_chunks(name):
+    """The cache-safety rule: changing tokens from position p on changes no logit before p, and
+    no control (feature, expert) of a chunk that starts before p."""
+    m = _model(name)
+    ids = torch.tensor(_prompts(7, [200]))
+    logits = m(ids)
+    ctl: ChunkController = m.bem_controller
+    emb = m.get_input_embeddings().weight
+    f = ctl.features(ids, emb, 4)
+    for p in (64, 100, 150):
+        other = ids.clone()
+        other[0, p:] = (other[0, p:] + 1) % V
+        torch.testing.assert_close(m(other)[:, :p], logits[:, :p], rtol=0, atol=0)
+        g = ctl.features(other, emb, 4)
+        first_changed = p // 64 + 1          # chunk c reads chunk c−1's tokens
+        torch.testing.assert_close(g[:, :first_changed], f[:, :first_changed], rtol=0, atol=0)
+        assert not torch.equal(g[:, first_changed:], f[:, first_changed:])
+
+
+def test_bad_arguments():
+    m = _model("lora")
+    with pytest.raises(ValueError, match="prompts"):
+        generate(m, [], 3)
+    with pytest.raises(ValueError, match=r"prompts\[0\]"):
+        generate(m, [[V]], 3)
+    with pytest.raises(ValueError, match=r"prompts\[1\]"):
+        generate(m, [[1], []], 3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(m, [[1]], 0)
+    with pytest.raises(ValueError, match="max_positions"):
+        generate(m, [[1]], CFG.max_positions)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(m, [[1]], 2, do_sample=True, temperature=0)
+    with pytest.raises(ValueError, match="top_k"):
+        generate(m, [[1]], 2, top_k=0)
+    with pytest.raises(ValueError, match="experts"):
+        generate(m, [[1]], 2, experts=-2)
+    with pytest.raises(TypeError, match="cache"):
+        generate(m, [[1]], 2, cache=object())
+    for bad in (torch.ones(2, 4), torch.zeros(1, 4), [[1.0]]):
+        with pytest.raises(ValueError, match="head_temperature"):
+            generate(m, [[1]], 2, head_temperature=bad)
+    with pytest.raises(TypeError, match="BemForCausalLM"):
+        new_kv_cache(torch.nn.Linear(2, 2), 4)
