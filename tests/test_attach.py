@@ -192,3 +192,13 @@ def test_hugging_face_cached_generation_is_refused_for_chunk_controls():
         m.generate(ids, max_new_tokens=3, do_sample=False, use_cache=True)
     out = m.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False)
     assert out.shape == (1, 8)
+
+
+def test_hugging_face_cached_generation_with_static_modules():
+    m = _hf("llama")
+    attach(m, BemConfig.preset("V3", "llama"))
+    _randomise(m, scale=0.5)
+    ids = torch.randint(0, 50, (1, 70), generator=torch.Generator().manual_seed(3))
+    a = m.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True)
+    b = m.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(a, b)

@@ -110,6 +110,20 @@ def test_sampling_reproducible_and_equal_with_cache():
     assert a == b and all(len(r) == 6 for r in a)
 
 
+def test_same_prefix_twice_in_one_batch_and_cache_exhaustion():
+    m = _model("V4")
+    p = _prompts(8, [100])[0]
+    cache = new_kv_cache(m, 8)
+    batch = [p, p[:90] + [1, 2]]
+    assert generate(m, batch, 5, cache=cache) == generate(m, batch, 5)
+    assert cache.manager.stats().tokens_hit == 64          # row 1 reuses row 0's first block
+    from bem.kv import KVCacheFullError
+    small = new_kv_cache(m, 3)
+    with pytest.raises(KVCacheFullError):                     # full while decoding past 192
+        generate(m, [(p * 2)[:190]], 5, cache=small)
+    assert small.manager.stats().sequences == 0 and cache.manager.stats().sequences == 0
+
+
 def test_eos_stops_a_row():
     m = _model("lora")
     p = _prompts(6, [10, 12])
