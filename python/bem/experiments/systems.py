@@ -122,15 +122,21 @@ def _fit_affine(f: Callable[[int], int], target: int) -> int:
 
 
 def _kron_layers(base: BemForCausalLM, target: int) -> list:
-    """Per-layer Kronecker factorisations whose parameters sum closest to `target`: each layer
-    in turn takes the choice closest to an even share of what is left."""
-    choices = _kron_choices(base)
-    left, out = target, []
-    for i in range(base.config.n_layers, 0, -1):
-        n, o, f = min(choices, key=lambda c: abs(c[0] - left / i))
-        out.append((o, f))
-        left -= n
-    return out
+    """Per-layer Kronecker factorisations whose parameters sum closest to `target` (exact: a
+    dynamic programme over the reachable sums, those beyond 1.05 × target pruned)."""
+    by_count: dict[int, tuple] = {}
+    for n, o, f in _kron_choices(base):
+        by_count.setdefault(n, (o, f))
+    reach: dict[int, list] = {0: []}
+    for _ in range(base.config.n_layers):
+        nxt: dict[int, list] = {}
+        for total, picks in reach.items():
+            for n, choice in by_count.items():
+                s = total + n
+                if s not in nxt and (s <= 1.05 * target or not nxt):
+                    nxt[s] = picks + [choice]
+        reach = nxt
+    return reach[min(reach, key=lambda s: abs(s - target))]
 
 
 def variant_spec(base: BemForCausalLM, name: str, target: int) -> SystemSpec:
