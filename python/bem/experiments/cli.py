@@ -57,7 +57,7 @@ def register(sub) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from bem.experiments.runner import run_experiment
+    from bem.experiments.runner import execute_logged, prepare_run, resolve_device
 
     parser = args.parser
     config = None
@@ -77,11 +77,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     try:
-        with logging_redirect_tqdm(loggers=[log]):
-            outcome = run_experiment(config, out=args.out, resume=args.resume, device=args.device,
-                                     progress=not args.no_progress)
+        device = resolve_device(args.device)
+        run = prepare_run(config, out=args.out, resume=args.resume)
     except ValueError as exc:
         parser.error(str(exc))
+    try:
+        with logging_redirect_tqdm(loggers=[log]):
+            outcome = execute_logged(run, device=device, progress=not args.no_progress)
     except KeyboardInterrupt:
         print("bem run: interrupted; the run folder holds every completed stage; continue with "
               "`bem run --resume`", file=sys.stderr)

@@ -314,17 +314,13 @@ def machine_description(device: torch.device) -> str:
     return desc
 
 
-def run_experiment(config: RunConfig | None = None, *, out: str | os.PathLike | None = None,
-                   resume: bool | str | os.PathLike = False, device: str = "auto",
-                   progress: bool = True, on_stage: Callable[[str], None] | None = None,
-                   cache: str | os.PathLike | None = None) -> RunOutcome:
-    """Start a run (in `out`, or a new folder under ./bem-runs) or continue one.
+def prepare_run(config: RunConfig | None = None, *, out: str | os.PathLike | None = None,
+                resume: bool | str | os.PathLike = False) -> Run:
+    """Create a run folder (in `out`, or a new folder under ./bem-runs) or open one to resume.
 
     resume: False; True (continue `out`, or the latest unfinished run under ./bem-runs); or a
     run folder. A resumed run keeps the configuration it was started with (`config` must then be
-    None). cache: the base-model cache root (default: bem's user cache directory)."""
-    dev = resolve_device(device)
-    cache_path = Path(cache) if cache is not None else None
+    None). Raises ValueError for a folder that cannot be used."""
     if resume:
         if config is not None:
             raise ValueError("resume: a resumed run keeps the options it was started with; do not "
@@ -333,16 +329,31 @@ def run_experiment(config: RunConfig | None = None, *, out: str | os.PathLike | 
             folder = Path(out) if out is not None else latest_unfinished(Path(DEFAULT_RUNS_DIR))
         else:
             folder = Path(resume)
-        run = Run.open(folder)
-    else:
-        cfg = config if config is not None else RunConfig.preset("default")
-        if not isinstance(cfg, RunConfig):
-            raise TypeError(f"config: expected RunConfig, got {type(cfg).__name__}")
-        folder = Path(out) if out is not None else new_run_folder(Path(DEFAULT_RUNS_DIR), cfg.seed)
-        run = Run.create(folder, cfg)
-    log.info("run folder %s on %s", run.folder, dev)
+        return Run.open(folder)
+    cfg = config if config is not None else RunConfig.preset("default")
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(f"config: expected RunConfig, got {type(cfg).__name__}")
+    folder = Path(out) if out is not None else new_run_folder(Path(DEFAULT_RUNS_DIR), cfg.seed)
+    return Run.create(folder, cfg)
+
+
+def run_experiment(config: RunConfig | None = None, *, out: str | os.PathLike | None = None,
+                   resume: bool | str | os.PathLike = False, device: str = "auto",
+                   progress: bool = True, on_stage: Callable[[str], None] | None = None,
+                   cache: str | os.PathLike | None = None) -> RunOutcome:
+    """Start or continue a run (see :func:`prepare_run`) and execute its remaining stages.
+    cache: the base-model cache root (default: bem's user cache directory)."""
+    dev = resolve_device(device)
+    return execute_logged(prepare_run(config, out=out, resume=resume), device=dev,
+                          progress=progress, on_stage=on_stage,
+                          cache=Path(cache) if cache is not None else None)
+
+
+def execute_logged(run: Run, **kwargs: Any) -> RunOutcome:
+    """:func:`execute`, logging where to resume from when interrupted."""
+    log.info("run folder %s on %s", run.folder, kwargs["device"])
     try:
-        return execute(run, device=dev, progress=progress, on_stage=on_stage, cache=cache_path)
+        return execute(run, **kwargs)
     except KeyboardInterrupt:
         log.warning("interrupted: %s holds every completed stage; continue with "
                     "`bem run --resume %s`", run.folder, run.folder)
