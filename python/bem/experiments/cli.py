@@ -71,7 +71,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides = {k: v for k, v in (("variants", args.variants), ("seed", args.seed))
                      if v is not None}
         config = RunConfig.preset("quick" if args.quick else "default", **overrides)
-    if not log.handlers:
+    if not any(not isinstance(h, logging.NullHandler) for h in log.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("bem: %(message)s"))
         log.addHandler(handler)
