@@ -202,3 +202,21 @@ def test_hugging_face_cached_generation_with_static_modules():
     a = m.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True)
     b = m.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("preset,E", [("lora", 3), ("V1", 1), ("V1", 2), ("PT1", 1), ("V4", 1)])
+def test_expert_minus_one_is_the_base_model(preset, E):
+    from bem.modules import use_control
+
+    m = _model()
+    base_out = m(IDS)
+    attach(m, BemConfig.preset(preset, num_experts=E))
+    _randomise(m)
+    pos = torch.arange(IDS.shape[1]).expand_as(IDS)
+    emb = m.get_input_embeddings().weight
+    experts = torch.tensor([[-1, 0], [0, -1]])[:, :2]             # chunk 0 / chunk 1 off
+    with use_control(m.bem_controller.control(IDS, pos, emb, experts=experts)):
+        out = m(IDS)
+    torch.testing.assert_close(out[0, :64], base_out[0, :64], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(out[0, 64:], base_out[0, 64:])
+    assert not torch.allclose(out[1, :64], base_out[1, :64])

@@ -74,6 +74,12 @@ def test_cached_equals_uncached_float32_kernels(name):
     assert cache.manager.stats().tokens_hit == 64
 
 
+def test_bfloat16_generation_runs():
+    m = _model("V1-chunk", dtype=torch.bfloat16)
+    out = generate(m, _prompts(10, [70, 3]), 4, cache=new_kv_cache(m, 8))
+    assert [len(r) for r in out] == [4, 4] and all(0 <= t < V for r in out for t in r)
+
+
 def test_routing_key_changes_with_weights_and_request_controls():
     m = _model("V2")
     p = _prompts(2, [70])
@@ -172,6 +178,8 @@ def test_bad_arguments():
         generate(m, [[1]], 2, top_k=0)
     with pytest.raises(ValueError, match="experts"):
         generate(m, [[1]], 2, experts=-2)
+    with pytest.raises(ValueError, match="no chunk-routed"):
+        generate(m, [[1]], 2, experts=0)
     with pytest.raises(TypeError, match="cache"):
         generate(m, [[1]], 2, cache=object())
     for bad in (torch.ones(2, 4), torch.zeros(1, 4), [[1.0]]):

@@ -176,3 +176,21 @@ def test_model_round_trip_and_refusals(tmp_path):
     (tmp_path / S.MODEL_CONFIG).write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="unknown fields"):
         S.load_model(tmp_path)
+
+
+def test_adapter_round_trip_on_hugging_face_gpt2(tmp_path):
+    transformers = pytest.importorskip("transformers")
+
+    def gpt2():
+        torch.manual_seed(0)
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=100, bos_token_id=0,
+            eos_token_id=0)).double().eval()
+
+    m = attach(gpt2(), BemConfig.preset("V1", "gpt2", num_experts=2))
+    _randomise_adapter(m, 6)
+    ids = torch.randint(0, 50, (1, 70), generator=torch.Generator().manual_seed(7))
+    want = m(input_ids=ids, use_cache=False).logits
+    S.save_pretrained(m, tmp_path)
+    back = S.from_pretrained(gpt2(), tmp_path)
+    torch.testing.assert_close(back(input_ids=ids, use_cache=False).logits, want, rtol=0, atol=0)

@@ -161,6 +161,8 @@ def generate(model: BemForCausalLM, prompts, max_new_tokens: int, *, cache: KVCa
     if experts is not None and (isinstance(experts, bool) or not isinstance(experts, int) or
                                 experts < -1):
         raise ValueError(f"experts: expected an int >= -1 or None, got {experts!r}")
+    if experts is not None and _controller(model) is None:
+        raise ValueError("experts: the model has no chunk-routed bem modules to route")
     longest = max(len(r) for r in rows) + max_new_tokens
     if longest > model.config.max_positions:
         raise ValueError(f"max_new_tokens: prompts + new tokens reach {longest} positions, more "
@@ -217,10 +219,10 @@ def _generate_cached(model, cache, rows, max_new_tokens, do_sample, temperature,
     version = getattr(getattr(model, "bem_config", None), "version", 0)
     weights = weights_digest(model)
     digests = [_request_digest(model, weights, head_temperature, b) for b in range(len(rows))]
-    multi = _controller(model) is not None
+    adapted = getattr(model, "bem_config", None) is not None
 
     def key(b: int, expert_row: torch.Tensor | None, chunk: int) -> RoutingKey:
-        e = int(expert_row[chunk]) if expert_row is not None else (0 if multi else -1)
+        e = int(expert_row[chunk]) if expert_row is not None else (0 if adapted else -1)
         return RoutingKey(e, digests[b], version)
 
     outs: list[list[int]] = [[] for _ in rows]

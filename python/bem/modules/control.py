@@ -28,7 +28,8 @@ class ChunkControl:
 
     features: (B, C, d_ctrl) float — feature of chunk c, computed from tokens of chunks < c.
     token_chunk: (B, T) int64 — the chunk (index into C) of each token of the current input.
-    experts: (B, C) int64 or None — expert of each chunk; −1 = no adapter.
+    experts: (B, C) int64 or None — expert of each chunk; −1 = no adapter (every chunk-routed
+        module is the identity there).
     head_temperature: (B, G) float or None — V2's per-group gate temperatures, fixed per request.
     """
 
@@ -48,6 +49,14 @@ class ChunkControl:
         if self.experts is None:
             return None
         return self.per_token(self.experts).reshape(-1)
+
+    def keep_base(self, per_chunk: torch.Tensor, identity: float) -> torch.Tensor:
+        """per_chunk (B, C, ...) with chunks routed to expert −1 ("no adapter") set to `identity`."""
+        if self.experts is None:
+            return per_chunk
+        off = (self.experts[:, : per_chunk.shape[1]] < 0).reshape(
+            *self.experts.shape[:1], per_chunk.shape[1], *([1] * (per_chunk.dim() - 2)))
+        return per_chunk.masked_fill(off, identity)
 
 
 @contextlib.contextmanager

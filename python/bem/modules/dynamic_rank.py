@@ -79,7 +79,7 @@ class DynamicRankLoRA(base.LinearAdapter):
             idx, gate = ctrl.per_token(idx), ctrl.per_token(gate)
         else:
             idx, gate = self.select(self.predictor(x))
-        experts = ctrl.token_experts() if self.num_experts > 1 else None
+        experts = ctrl.token_experts()
         if self.num_experts > 1 and experts is None:
             raise RuntimeError(f"DynamicRankLoRA: {self.num_experts} experts but the controls "
                                "chose none")

@@ -57,7 +57,8 @@ class HeadGating(base.LinearAdapter):
             raise ValueError(f"HeadGating: x: expected last dimension {self.d_in}, got shape "
                              f"{tuple(x.shape)}")
         ctrl = current_control("HeadGating", x)
-        g = ctrl.per_token(self.gates(ctrl.features.to(x.dtype), ctrl.head_temperature))
+        g = ctrl.per_token(ctrl.keep_base(self.gates(ctrl.features.to(x.dtype),
+                                                     ctrl.head_temperature), 1.0))
         gamma = g.repeat_interleave(self.d_in // self.num_groups, dim=-1)
         return self.base_layer(base.film(x, gamma, x.new_zeros(self.d_in)))
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from bem.modules import base
-from bem.modules.control import current_control
+from bem.modules.control import current_control, optional_control
 
 
 class LoRA(base.LinearAdapter):
@@ -17,7 +17,8 @@ class LoRA(base.LinearAdapter):
     Args:
         base_layer: nn.Linear (or GPT-2 Conv1D) with weight (d_out, d_in) (Conv1D: (d_in, d_out)).
         rank: r ≥ 1. alpha: scale numerator (scale = alpha / r, PEFT's convention).
-        num_experts: E ≥ 1; with E > 1 each chunk's expert comes from the active ChunkControl.
+        num_experts: E ≥ 1; with E > 1 each chunk's expert comes from the active ChunkControl
+            (with E = 1 too when the controls carry experts: −1 turns the adapter off).
 
     Parameters: A (E, r, d_in) (Kaiming-uniform, as PEFT), B (E, d_out, r) (zeros: identity at
     init). x: (B, T, d_in) (any (..., d_in) when E = 1) → (..., d_out).
@@ -43,7 +44,9 @@ class LoRA(base.LinearAdapter):
         return self.alpha / self.rank
 
     def delta(self, x2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        experts = current_control("LoRA", x).token_experts() if self.needs_control else None
+        ctrl = current_control("LoRA", x) if self.needs_control else optional_control()
+        experts = ctrl.token_experts() if ctrl is not None and x.dim() == 3 and \
+            tuple(x.shape[:2]) == tuple(ctrl.token_chunk.shape) else None
         if self.needs_control and experts is None:
             raise RuntimeError(f"LoRA: {self.num_experts} experts but the controls chose none")
         return base.lora_delta(x2, self.lora_A, self.lora_B, scale=self.scale, expert_index=experts)
