@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_info.set_defaults(func=_cmd_info)
     from bem.stats import cli as stats_cli
     stats_cli.register(sub)
+    from bem.experiments import cli as run_cli
+    run_cli.register(sub)
     return parser
 
 

@@ -1,0 +1,157 @@
+"""What one `bem run` does, as a validated, JSON round-tripping configuration: the base model and
+its pre-training, the adapter training, the evaluation, the budget and the variants; presets
+"default" (≤ 15 min on 2 CPU cores) and "quick" (≤ 3 min, the CI run)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from bem.model import TransformerConfig
+
+# The systems bem run compares against the static-LoRA baseline.
+VARIANTS = ("V1", "V2", "V3", "V4", "full")
+VARIANT_TITLES = {"V1": "PT1 + dynamic-rank LoRA", "V2": "PT1 + gate shaping",
+                  "V3": "Kronecker adapter (MLP down)", "V4": "residual FiLM (MLP)",
+                  "full": "full stack (PT1 + V1 + V2 + V3 + V4)"}
+BASELINE = "baseline"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Pre-training of the built-in base on the suite mixture (the result is cached by a hash of
+    this and the model config). prompt_weight: loss weight of prompt tokens (answers weigh 1)."""
+
+    steps: int = 1200
+    batch_size: int = 24
+    lr: float = 2e-3
+    warmup: int = 60
+    weight_decay: float = 0.01
+    prompt_weight: float = 0.25
+    n_per_task: int = 3000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One experiment. Sizes are counts of examples per task of the suite; `budget_fraction` sets
+    every system's trainable adapter parameters to that fraction of the base model's (±5%)."""
+
+    model: TransformerConfig = field(default_factory=lambda: TransformerConfig(
+        vocab_size=260, d_model=128, n_layers=4, n_heads=4, d_ff=336, max_positions=320))
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    variants: tuple[str, ...] = VARIANTS
+    seed: int = 0
+    suite_seed: int = 0
+    train_steps: int = 150
+    train_batch_size: int = 16
+    train_lr: float = 3e-3
+    train_n_per_task: int = 500
+    eval_n_per_task: int = 60
+    max_new_tokens: int = 32
+    budget_fraction: float = 0.03
+    flops_seq_len: int = 256
+    n_resamples: int = 10_000
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, TransformerConfig):
+            raise TypeError(f"RunConfig: model: expected TransformerConfig, got "
+                            f"{type(self.model).__name__}")
+        if self.model.vocab_size < 260:
+            raise ValueError(f"RunConfig: model.vocab_size: expected >= 260 (the byte tokenizer), "
+                             f"got {self.model.vocab_size}")
+        if not isinstance(self.pretrain, PretrainConfig):
+            raise TypeError(f"RunConfig: pretrain: expected PretrainConfig, got "
+                            f"{type(self.pretrain).__name__}")
+        _check_variants(self.variants)
+        object.__setattr__(self, "variants", tuple(self.variants))
+        for owner, obj, names in (
+                ("RunConfig", self, ("train_steps", "train_batch_size", "train_n_per_task",
+                                     "eval_n_per_task", "max_new_tokens", "flops_seq_len",
+                                     "n_resamples")),
+                ("PretrainConfig", self.pretrain, ("steps", "batch_size", "n_per_task"))):
+            for name in names:
+                v = getattr(obj, name)
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise ValueError(f"{owner}: {name}: expected a positive int, got {v!r}")
+        for owner, obj, names in (("RunConfig", self, ("seed", "suite_seed")),
+                                  ("PretrainConfig", self.pretrain, ("seed", "warmup"))):
+            for name in names:
+                v = getattr(obj, name)
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    raise ValueError(f"{owner}: {name}: expected an int >= 0, got {v!r}")
+        for owner, obj, names in (("RunConfig", self, ("train_lr", "budget_fraction")),
+                                  ("PretrainConfig", self.pretrain, ("lr",))):
+            for name in names:
+                _positive_float(owner, name, getattr(obj, name))
+        for name in ("weight_decay", "prompt_weight"):
+            v = getattr(self.pretrain, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"PretrainConfig: {name}: expected a finite number >= 0, got {v!r}")
+        if self.budget_fraction >= 1:
+            raise ValueError(f"RunConfig: budget_fraction: expected < 1, got {self.budget_fraction}")
+        if self.eval_n_per_task < 2:
+            raise ValueError(f"RunConfig: eval_n_per_task: expected >= 2 (paired statistics), got "
+                             f"{self.eval_n_per_task}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["variants"] = list(self.variants)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"RunConfig: expected a dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"RunConfig: unknown fields {unknown}")
+        data = dict(data)
+        if "model" in data:
+            data["model"] = TransformerConfig.from_dict(data["model"])
+        if "pretrain" in data:
+            p = data["pretrain"]
+            if not isinstance(p, dict):
+                raise TypeError(f"RunConfig: pretrain: expected a dict, got {type(p).__name__}")
+            unknown = sorted(set(p) - {f.name for f in dataclasses.fields(PretrainConfig)})
+            if unknown:
+                raise ValueError(f"PretrainConfig: unknown fields {unknown}")
+            data["pretrain"] = PretrainConfig(**p)
+        if "variants" in data:
+            data["variants"] = tuple(_check_variants(data["variants"]))
+        return cls(**data)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> RunConfig:
+        """"default" or "quick" (a smaller base, fewer steps and examples), with overrides."""
+        if name == "default":
+            return dataclasses.replace(cls(), **overrides)
+        if name == "quick":
+            quick = cls(model=TransformerConfig(vocab_size=260, d_model=64, n_layers=2, n_heads=4,
+                                                d_ff=168, max_positions=320),
+                        pretrain=PretrainConfig(steps=300, batch_size=16, lr=3e-3, warmup=20,
+                                                n_per_task=800),
+                        train_steps=40, train_batch_size=16, train_n_per_task=200,
+                        eval_n_per_task=16, max_new_tokens=24, budget_fraction=0.05,
+                        n_resamples=2000)
+            return dataclasses.replace(quick, **overrides)
+        raise ValueError(f"preset: expected 'default' or 'quick', got {name!r}")
+
+
+def _positive_float(owner: str, name: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{owner}: {name}: expected a finite number > 0, got {v!r}")
+
+
+def _check_variants(variants: Any) -> list[str]:
+    if isinstance(variants, str) or not isinstance(variants, (list, tuple)) or not variants:
+        raise ValueError(f"variants: expected a non-empty list drawn from {list(VARIANTS)}, got "
+                         f"{variants!r}")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise ValueError(f"variants: unknown {bad}; expected names from {list(VARIANTS)}")
+    if len(set(variants)) != len(variants):
+        raise ValueError(f"variants: duplicates in {list(variants)}")
+    return list(variants)

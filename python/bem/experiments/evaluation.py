@@ -1,0 +1,127 @@
+"""Evaluation of one system on held-out examples: greedy generation through the routing-keyed KV
+cache, one request at a time (so questions over the same passages reuse the cached prefix),
+per-example metrics, latency per generated token (p50/p95), peak memory and KV hit rate."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from bem.experiments.training import TOKENIZER, prompt_ids, shape_gates
+from bem.model import generate, new_kv_cache
+from bem.tasks import Example, score
+
+log = logging.getLogger("bem")
+
+METRICS = ("exact_match", "token_f1", "format_valid")
+# Blocks of the evaluation cache: enough for hundreds of 4-chunk prompts, so LRU eviction is rare.
+KV_BLOCKS = 512
+
+
+@dataclass
+class Evaluation:
+    """Per-example results (aligned with the examples) and the system's measurements.
+
+    latency_ms_per_token: (n,) wall time of each request (V2's gate shaping, prefill and decode)
+    divided by its generated tokens. peak_memory_bytes: peak accelerator memory on CUDA; on CPU
+    the bytes of parameters, buffers and KV-cache pool (see docs/run.md)."""
+
+    predictions: list[str]
+    scores: dict[str, list[float]]
+    latency_ms_per_token: list[float]
+    generated_tokens: int
+    peak_memory_bytes: int
+    kv_cache_hit_rate: float
+
+    @property
+    def latency_p50_ms(self) -> float:
+        return float(np.percentile(self.latency_ms_per_token, 50))
+
+    @property
+    def latency_p95_ms(self) -> float:
+        return float(np.percentile(self.latency_ms_per_token, 95))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Evaluation:
+        return cls(**d)
+
+
+def _static_bytes(model: nn.Module, cache) -> int:
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    n = sum(t.numel() * t.element_size() for t in tensors.values())
+    pool = cache.storage.data
+    return n + pool.numel() * pool.element_size()
+
+
+def _request(model: nn.Module, ex: Example, cache, max_new_tokens: int) -> list[int]:
+    shaped = shape_gates(model, [ex])
+    temp = shaped.temperature if shaped is not None else None
+    return generate(model, [prompt_ids(ex)], max_new_tokens, cache=cache,
+                    eos_token_id=TOKENIZER.EOS, head_temperature=temp)[0]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: Sequence[Example], *, max_new_tokens: int,
+             warmup: Sequence[Example] = (), desc: str = "evaluate", progress: bool = True
+             ) -> Evaluation:
+    """Greedy answers of `model` to `examples`, in order, with one KV cache kept across requests.
+
+    `warmup` examples run first on a separate cache and are not measured. Latency is measured
+    per request with a synchronised wall clock; the KV hit rate is bem.kv's (cached prompt tokens
+    of full blocks / queried)."""
+    from tqdm.auto import tqdm
+
+    if not examples:
+        raise ValueError("examples: expected at least one example")
+    model.eval()
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    if warmup:
+        scratch = new_kv_cache(model, KV_BLOCKS)
+        for ex in warmup:
+            _request(model, ex, scratch, max_new_tokens)
+        del scratch
+    cache = new_kv_cache(model, KV_BLOCKS)
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    preds: list[str] = []
+    scores: dict[str, list[float]] = {m: [] for m in METRICS}
+    latency: list[float] = []
+    total = 0
+    for ex in tqdm(examples, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        start = time.perf_counter()
+        out = _request(model, ex, cache, max_new_tokens)
+        if cuda:
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+        total += len(out)
+        latency.append(1000.0 * elapsed / len(out))
+        text = TOKENIZER.decode(out)
+        preds.append(text)
+        for m, v in score(text, ex.answer, ex.fmt).items():
+            scores[m].append(v)
+    peak = (torch.cuda.max_memory_allocated(device) if cuda else _static_bytes(model, cache))
+    hit = cache.manager.stats().hit_rate
+    log.info("%s: %d examples, EM %.3f, latency p50 %.2f ms/token, KV hit rate %.3f", desc,
+             len(examples), float(np.mean(scores["exact_match"])),
+             float(np.percentile(latency, 50)), hit)
+    return Evaluation(preds, scores, latency, total, int(peak), float(hit))
+
+
+def per_task(examples: Sequence[Example], scores: dict[str, list[float]]) -> dict[str, dict]:
+    """Task → metric → mean (and "n")."""
+    out: dict[str, dict] = {}
+    for task in dict.fromkeys(ex.task for ex in examples):
+        idx = [i for i, ex in enumerate(examples) if ex.task == task]
+        out[task] = {m: float(np.mean([scores[m][i] for i in idx])) for m in scores}
+        out[task]["n"] = len(idx)
+    return out

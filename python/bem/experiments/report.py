@@ -1,0 +1,181 @@
+"""The human-readable report of a run: report.md (base model scores, systems, budgets,
+measurements, metric deltas with BCa intervals, the acceptance verdicts with reasons) and PNG
+plots (metric deltas with intervals; latency and memory overheads), drawn with matplotlib's
+object API (no global pyplot state, no display needed)."""
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+
+from bem.experiments.config import BASELINE, VARIANT_TITLES
+from bem.experiments.evaluation import METRICS, Evaluation
+from bem.experiments.systems import BudgetRow
+from bem.serialization import atomic_write
+from bem.stats import AcceptanceReport
+
+METRIC_TITLES = {"exact_match": "exact match", "token_f1": "token F1",
+                 "format_valid": "format validity"}
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.{digits}f}"
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def plot_deltas(report: AcceptanceReport) -> bytes:
+    """One panel per metric: each variant's mean improvement over the baseline with its BCa
+    interval (the interval of the primary metric is the promotion gate)."""
+    from matplotlib.figure import Figure
+
+    names = [v.name for v in report.variants]
+    fig = Figure(figsize=(4.2 * len(METRICS), 0.55 * len(names) + 1.6))
+    axes = fig.subplots(1, len(METRICS), sharey=True, squeeze=False)[0]
+    for ax, metric in zip(axes, METRICS):
+        y = np.arange(len(names))
+        for i, v in enumerate(report.variants):
+            m = next(r for r in v.metrics if r.metric == metric)
+            lo, hi = m.ci_lower, m.ci_upper
+            color = "tab:green" if v.decision == "PROMOTE" else "tab:red"
+            if not (math.isnan(lo) or math.isnan(hi)):
+                ax.plot([lo, hi], [i, i], color=color, lw=2)
+            ax.plot([m.mean_improvement], [i], "o", color=color)
+        ax.axvline(0.0, color="black", lw=0.8)
+        ax.set_yticks(y, names)
+        ax.set_title(f"{METRIC_TITLES[metric]} − baseline"
+                     + (" (primary)" if metric == report.primary_metric else ""))
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"Mean improvement with {report.thresholds.confidence:.0%} BCa intervals "
+                 "(green: PROMOTE, red: REJECT)")
+    return _png(fig)
+
+
+def plot_overheads(evals: dict[str, Evaluation], report: AcceptanceReport) -> bytes:
+    """Latency p50 (per generated token) and peak memory of each variant relative to the
+    baseline, with the gates' limits."""
+    from matplotlib.figure import Figure
+
+    names = [v.name for v in report.variants]
+    base = evals[BASELINE]
+    lat = [evals[n].latency_p50_ms / base.latency_p50_ms for n in names]
+    mem = [evals[n].peak_memory_bytes / base.peak_memory_bytes for n in names]
+    fig = Figure(figsize=(9, 0.5 * len(names) + 1.8))
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, vals, limit, title in ((axes[0], lat, report.thresholds.latency_ratio_max,
+                                    "latency p50 / baseline"),
+                                   (axes[1], mem, report.thresholds.memory_ratio_max,
+                                    "peak memory / baseline")):
+        ax.barh(np.arange(len(names)), vals, color=["tab:red" if v > limit else "tab:blue"
+                                                     for v in vals])
+        ax.axvline(1.0, color="black", lw=0.8)
+        ax.axvline(limit, color="tab:red", ls="--", lw=1, label=f"limit {limit:.2f}x")
+        ax.set_yticks(np.arange(len(names)), names)
+        ax.set_title(title)
+        ax.legend(loc="lower right")
+    return _png(fig)
+
+
+def _base_section(state: dict, base_eval: dict) -> list[str]:
+    m = state["base"]
+    cfg = m["model"]
+    lines = ["## The base model", "",
+             f"bem's built-in transformer (d_model {cfg['d_model']}, {cfg['n_layers']} layers, "
+             f"{cfg['n_heads']} heads, d_ff {cfg['d_ff']}, byte vocabulary), pre-trained by bem on "
+             f"the suite's train split: {m['pretrain']['steps']} steps of "
+             f"{m['pretrain']['batch_size']} examples, loss {m['loss_first']:.3f} → "
+             f"{m['loss_last']:.3f}, {m['train_seconds']:.0f} s "
+             f"({'loaded from the cache' if m['cached'] else 'trained in this run'}; cache key "
+             f"`{m['key']}`).", "",
+             "Its own scores on the held-out test split (greedy, no adapter):", "",
+             "| task | n | exact match | token F1 | format validity |", "|---|---:|---:|---:|---:|"]
+    for task, row in base_eval["per_task"].items():
+        lines.append(f"| {task} | {row['n']} | {_fmt(row['exact_match'])} | "
+                     f"{_fmt(row['token_f1'])} | {_fmt(row['format_valid'])} |")
+    s = base_eval["scores"]
+    lines.append(f"| **all** | {len(s['exact_match'])} | {_fmt(float(np.mean(s['exact_match'])))} | "
+                 f"{_fmt(float(np.mean(s['token_f1'])))} | "
+                 f"{_fmt(float(np.mean(s['format_valid'])))} |")
+    return lines + [""]
+
+
+def _systems_section(evals: dict[str, Evaluation], budgets: dict[str, BudgetRow],
+                     target: int) -> list[str]:
+    lines = ["## Systems", "",
+             f"Every system trains only its adapter on the frozen base, with the same seed, data "
+             f"order, steps and learning rate. Budget target: {target} trainable parameters; the "
+             f"baseline is a static LoRA on the attention input, and each variant is sized to within a rank or width step of it. Latency is wall time "
+             f"per generated token of single requests (greedy, through the KV cache).", "",
+             "| system | what | trainable params | FLOPs/token | EM | F1 | format | latency p50 "
+             "(ms/token) | p95 | peak memory (MiB) | KV hit rate |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, ev in evals.items():
+        b = budgets[name]
+        what = "static LoRA" if name == BASELINE else VARIANT_TITLES[name]
+        lines.append(
+            f"| {name} | {what} | {b.trainable_parameters} | {b.flops_per_token:.4g} | "
+            f"{_fmt(float(np.mean(ev.scores['exact_match'])))} | "
+            f"{_fmt(float(np.mean(ev.scores['token_f1'])))} | "
+            f"{_fmt(float(np.mean(ev.scores['format_valid'])))} | {_fmt(ev.latency_p50_ms, 2)} | "
+            f"{_fmt(ev.latency_p95_ms, 2)} | {ev.peak_memory_bytes / 2**20:.1f} | "
+            f"{_fmt(ev.kv_cache_hit_rate)} |")
+    return lines + [""]
+
+
+def _verdict_section(report: AcceptanceReport) -> list[str]:
+    lines = ["## Verdicts", "",
+             "| variant | decision | reasons |", "|---|---|---|"]
+    for v in report.variants:
+        lines.append(f"| {v.name} | **{v.decision}** | {'; '.join(v.reasons) or '—'} |")
+    rejected = [v.name for v in report.variants if v.decision == "REJECT"]
+    lines.append("")
+    if rejected:
+        lines.append(f"Rejected: {', '.join(rejected)}. A REJECT means this run's measurements do "
+                     "not meet every gate (for the metric gates: the data do not show an "
+                     "improvement over the baseline at the stated confidence after FDR control). "
+                     "bem reports it as measured; nothing is re-run or tuned toward a verdict.")
+    else:
+        lines.append("Every variant passed every gate in this run.")
+    lines += ["", "### Metric deltas (variant − baseline, BCa intervals, BH-adjusted p-values)", "",
+              "| variant | metric | mean Δ | CI lower | CI upper | p | p adjusted |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for v in report.variants:
+        for m in v.metrics:
+            lines.append(f"| {v.name} | {m.metric}{' (primary)' if m.primary else ''} | "
+                         f"{m.mean_improvement:+.4f} | {_fmt(m.ci_lower, 4)} | "
+                         f"{_fmt(m.ci_upper, 4)} | {_fmt(m.p_value, 4)} | "
+                         f"{_fmt(m.p_adjusted, 4)} |")
+    return lines + ["", "![metric deltas](deltas.png)", "",
+                    "![latency and memory overheads](overheads.png)", ""]
+
+
+def write_report_folder(folder: Path, state: dict, report: AcceptanceReport, examples,
+                        base_eval: dict, evals: dict[str, Evaluation],
+                        budgets: dict[str, BudgetRow], *, machine: str) -> Path:
+    """Write deltas.png, overheads.png and report.md into `folder` (atomically). Returns the
+    report's path."""
+    atomic_write(folder / "deltas.png", plot_deltas(report))
+    atomic_write(folder / "overheads.png", plot_overheads(evals, report))
+    cfg = state["config"]
+    seconds = state["seconds"]
+    lines = [f"# bem run `{folder.name}`", "",
+             f"Machine: {machine}. Seed {cfg['seed']}, suite seed {cfg['suite_seed']}, "
+             f"{len(examples)} held-out test examples ({cfg['eval_n_per_task']} per task), "
+             f"{cfg['train_steps']} adapter training steps of {cfg['train_batch_size']} examples. "
+             f"Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + ".",
+             ""]
+    lines += _verdict_section(report)
+    lines += _base_section(state, base_eval)
+    lines += _systems_section(evals, budgets, state["target_parameters"])
+    lines += ["## Acceptance gates (bem validate)", "", report.to_markdown(), ""]
+    path = folder / "report.md"
+    atomic_write(path, "\n".join(lines).encode())
+    return path

@@ -1,0 +1,161 @@
+"""Training on the embedded suite: token layout of an example, task-balanced batches, and the
+training loop used both to pre-train the base model and to train adapters (with V2's gate
+shaper, its re-ranking and margin-alignment losses)."""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bem.modules.gate_shaping import GateShapingOutput, evidence_inputs
+from bem.tasks import ByteTokenizer, Example
+
+log = logging.getLogger("bem")
+TOKENIZER = ByteTokenizer()
+
+# Weight of V2's auxiliary losses (passage re-ranking, margin alignment) next to the LM loss.
+SHAPER_LOSS_WEIGHT = 0.1
+
+
+def prompt_ids(ex: Example) -> list[int]:
+    """Model input of a request: BOS, the prompt's bytes, SEP (the model answers after SEP)."""
+    return TOKENIZER.encode(ex.prompt, bos=True) + [TOKENIZER.SEP]
+
+
+def training_ids(ex: Example) -> tuple[list[int], int]:
+    """BOS prompt SEP answer EOS, and the index of the first answer token."""
+    p = prompt_ids(ex)
+    return p + TOKENIZER.encode(ex.answer, eos=True), len(p)
+
+
+def evidence(ex: Example) -> tuple[str, list[str], int]:
+    """(query, passages, index of the passage that holds the answer or −1) of an example. Evidence
+    QA prompts are passage lines then "Q: …"; other tasks have their prompt as the only passage."""
+    if ex.task != "evidence_qa":
+        return ex.prompt, [ex.prompt], -1
+    lines = ex.prompt.split("\n")
+    passages = [ln for ln in lines if not ln.startswith(("Q:", "A:"))]
+    query = next(ln for ln in lines if ln.startswith("Q:"))
+    gold = [i for i, p in enumerate(passages) if p.split(":", 1)[0] in query]
+    return query, passages, gold[0] if len(gold) == 1 else -1
+
+
+def shape_gates(model: nn.Module, examples: Sequence[Example]) -> GateShapingOutput | None:
+    """V2: run the model's gate shaper on the examples' evidence (None without a shaper)."""
+    shaper = getattr(model, "bem_gate_shaper", None)
+    if shaper is None:
+        return None
+    ev = [evidence(ex) for ex in examples]
+    inputs = evidence_inputs(model.get_input_embeddings().weight,
+                             [TOKENIZER.encode(q) for q, _, _ in ev],
+                             [[TOKENIZER.encode(p) for p in ps] for _, ps, _ in ev])
+    return shaper(*inputs)
+
+
+class TaskBatches:
+    """Endless task-balanced batches: tasks take turns (in a seeded order, reshuffled every
+    round), and each batch holds examples of one task, so short tasks are not padded to the
+    length of evidence QA prompts."""
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, seed: int):
+        if not examples:
+            raise ValueError("examples: expected at least one training example")
+        self.by_task: dict[str, list[Example]] = {}
+        for ex in examples:
+            self.by_task.setdefault(ex.task, []).append(ex)
+        self.batch_size = batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order: list[str] = []
+
+    def next(self) -> list[Example]:
+        if not self.order:
+            tasks = sorted(self.by_task)
+            self.order = [tasks[i] for i in torch.randperm(len(tasks), generator=self.gen)]
+        pool = self.by_task[self.order.pop()]
+        idx = torch.randint(len(pool), (self.batch_size,), generator=self.gen)
+        return [pool[i] for i in idx.tolist()]
+
+
+def lm_batch(examples: Sequence[Example], prompt_weight: float, device: torch.device
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids (B, T) int64, valid (B, T) bool, targets (B, T−1) int64, weights (B, T−1) float32):
+    next-token targets weighted 1 on the answer and EOS, `prompt_weight` on prompt tokens."""
+    rows = [training_ids(ex) for ex in examples]
+    T = max(len(r) for r, _ in rows)
+    ids = torch.full((len(rows), T), TOKENIZER.PAD, dtype=torch.int64)
+    weights = torch.zeros(len(rows), T - 1)
+    for b, (r, start) in enumerate(rows):
+        ids[b, :len(r)] = torch.tensor(r)
+        weights[b, :start - 1] = prompt_weight
+        weights[b, start - 1:len(r) - 1] = 1.0
+    valid = ids != TOKENIZER.PAD
+    return ids.to(device), valid.to(device), ids[:, 1:].to(device), weights.to(device)
+
+
+def _lr_at(step: int, steps: int, warmup: int, lr: float) -> float:
+    """Linear warm-up, then cosine decay to 10% of lr."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
+
+
+def train_lm(model: nn.Module, examples: Sequence[Example], *, steps: int, batch_size: int,
+             lr: float, seed: int, warmup: int = 0, weight_decay: float = 0.0,
+             prompt_weight: float = 0.0, desc: str = "train", progress: bool = True,
+             on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """Train the parameters of `model` that require grad with AdamW on task-balanced batches.
+
+    The loss is the weighted next-token cross-entropy (see :func:`lm_batch`); with a V2 gate
+    shaper, its temperatures drive the head gates of the forward, and the passage re-ranking
+    cross-entropy (evidence QA) plus the margin-alignment loss are added with weight
+    SHAPER_LOSS_WEIGHT. Returns the loss of every step. `on_step(step, loss)` runs after each.
+    """
+    from tqdm.auto import tqdm
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model: no trainable parameters")
+    device = params[0].device
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    batches = TaskBatches(examples, batch_size, seed)
+    controller = getattr(model, "bem_controller", None)
+    losses: list[float] = []
+    model.train()
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, warmup, lr)
+        batch = batches.next()
+        ids, valid, targets, weights = lm_batch(batch, prompt_weight, device)
+        shaped = shape_gates(model, batch)
+        control = None
+        if shaped is not None:
+            pos = torch.arange(ids.shape[1], device=device).expand_as(ids)
+            control = controller.control(ids, pos, model.get_input_embeddings().weight,
+                                         head_temperature=shaped.temperature)
+        logits = model(ids, valid=valid, control=control)[:, :-1]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                             reduction="none").view_as(weights)
+        loss = (ce * weights).sum() / weights.sum()
+        if shaped is not None:
+            gold = torch.tensor([evidence(ex)[2] for ex in batch], device=device)
+            aux = shaped.loss
+            if bool((gold >= 0).any()):
+                aux = aux + F.cross_entropy(shaped.scores[gold >= 0], gold[gold >= 0])
+            loss = loss + SHAPER_LOSS_WEIGHT * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if on_step is not None:
+            on_step(step, losses[-1])
+    model.eval()
+    log.info("%s: %d steps, loss %.4f -> %.4f", desc, steps, losses[0], losses[-1])
+    return losses
