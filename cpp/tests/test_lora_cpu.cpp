@@ -403,6 +403,11 @@ std::vector<Case> odd_cases() {
   cs.push_back({21, 37, 45, 1, 1, 2, true, false, true, true, 1.0f});
   cs.push_back({150, 37, 45, 33, 17, 3, true, true, true, true, 0.5f});
   cs.push_back({70, 16, 32, 20, 20, 2, false, false, true, true, 1.0f});
+  // r = 4 and 8 take the packed-rows path of the short-run expand under AVX2/AVX-512.
+  cs.push_back({9, 59, 111, 8, 8, 3, false, false, true, true, 0.75f});
+  cs.push_back({9, 59, 111, 8, 3, 3, true, false, true, true, 0.75f});
+  cs.push_back({6, 59, 111, 4, 4, 2, false, false, false, true, 1.5f});
+  cs.push_back({6, 59, 111, 4, 2, 2, true, false, true, true, 1.5f});
   return cs;
 }
 
