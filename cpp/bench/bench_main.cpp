@@ -279,8 +279,9 @@ void bench_kron(const Options& o) {
       b.grad_A = gA.data();
       b.grad_B = gB.data();
       const double s = time_call([&] { bem::kron_backward_cpu(b); }, o.repeats);
-      // grad_x: two products like the forward; grad_A and grad_B: one more product each.
-      print_row({"kron_backward", shape, s, 2.0 * T * 4 * macs_per_token, 4.0 * T * (2 * d_in + 2 * d_out), "grad x, A, B"});
+      // P = dY·B, grad_x = Aᵀ·P, grad_A from X·Pᵀ, Q = A·X, grad_B from dYᵀ·Q (multiply-adds per token).
+      const double bwd_macs = double(o1 * o2 * i2 + 3 * i1 * o1 * i2 + o2 * o1 * i2);
+      print_row({"kron_backward", shape, s, 2.0 * T * bwd_macs, 4.0 * T * (2 * d_in + 2 * d_out), "grad x, A, B"});
     }
   }
   if (selected(o, "spectral_norm")) {
