@@ -357,7 +357,7 @@ void grad_u(const LoraArgs& a, const Run& run, int64_t t0, int64_t t1) {
   float* uf = tls_buffer(ufull_buf, nt * r);
   const T* dy = static_cast<const T*>(a.dy);
   const T* Be = static_cast<const T*>(a.B) + run.e * a.d_out * r;
-  gemm<T, T>(nt, r, a.d_out, dy + t0 * a.d_out, a.d_out, 1, Be, r, uf, r, false);
+  gemm<T, T, kShrinkGemmMT, kShrinkGemmNV>(nt, r, a.d_out, dy + t0 * a.d_out, a.d_out, 1, Be, r, uf, r, false);
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t* ranks = a.idx + t * a.idx_stride;
     for (int64_t j = 0; j < k; ++j) a.grad_s[t * k + j] = uf[(t - t0) * r + ranks[j]];
@@ -390,8 +390,8 @@ void grad_A(const LoraArgs& a, int64_t e, int64_t c0, int64_t c1) {
   for (int64_t q = 0; q < a.n_runs; ++q) {
     const Run& run = a.runs[q];
     if (run.e != e) continue;
-    gemm<float, T>(r, c1 - c0, run.t1 - run.t0, a.v_full + run.t0 * r, 1, r, x + run.t0 * d_in + c0,
-                   d_in, G + c0, d_in, true);
+    gemm<float, T, kShrinkGemmMT, kShrinkGemmNV>(r, c1 - c0, run.t1 - run.t0, a.v_full + run.t0 * r, 1, r,
+                                                 x + run.t0 * d_in + c0, d_in, G + c0, d_in, true);
   }
 }
 
@@ -405,8 +405,8 @@ void grad_B(const LoraArgs& a, int64_t e, int64_t o0, int64_t o1) {
   for (int64_t q = 0; q < a.n_runs; ++q) {
     const Run& run = a.runs[q];
     if (run.e != e) continue;
-    gemm<T, float>(o1 - o0, r, run.t1 - run.t0, dy + run.t0 * d_out + o0, 1, d_out,
-                   a.w_full + run.t0 * r, r, G + o0 * r, r, true);
+    gemm<T, float, kShrinkGemmMT, kShrinkGemmNV>(o1 - o0, r, run.t1 - run.t0, dy + run.t0 * d_out + o0, 1, d_out,
+                                                 a.w_full + run.t0 * r, r, G + o0 * r, r, true);
   }
 }
 
