@@ -2,7 +2,7 @@
 // prints a Markdown table with µs per call, GFLOP/s and GB/s, plus same-run baselines (a GEMV of
 // the decode base layer, a memcpy of FiLM's input) to compare against.
 //
-//   bem_bench [--filter SUBSTRING] [--repeats N] [--threads N] [--min]
+//   bem_bench [--filter SUBSTRING] [--repeats N] [--threads N] [--min] [--cpu-time]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -14,6 +14,7 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <time.h>
 #include <vector>
 
 #include "../src/cpu_features.h"
@@ -31,23 +32,34 @@ struct Options {
   std::string filter;
   int repeats = 15;
   int threads = 0;
-  bool minimum = false;  // report the fastest sample instead of the median (for tuning on a busy machine)
+  bool minimum = false;   // report the fastest sample instead of the median
+  bool cpu_time = false;  // time with the calling thread's CPU clock (with --threads 1: immune to
+                          // other processes on a busy machine)
 };
 
 Options g_options;
 
+double now_seconds() {
+  if (g_options.cpu_time) {
+    timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+  }
+  return std::chrono::duration<double>(Clock::now().time_since_epoch()).count();
+}
+
 // Median seconds per call: calls are batched so one sample lasts at least ~2 ms.
 double time_call(const std::function<void()>& fn, int repeats) {
   for (int i = 0; i < 3; ++i) fn();
-  const auto t0 = Clock::now();
+  const double t0 = now_seconds();
   fn();
-  const double once = std::chrono::duration<double>(Clock::now() - t0).count();
+  const double once = now_seconds() - t0;
   const int batch = std::max(1, static_cast<int>(2e-3 / std::max(once, 1e-9)));
   std::vector<double> samples;
   for (int r = 0; r < repeats; ++r) {
-    const auto s = Clock::now();
+    const double s = now_seconds();
     for (int i = 0; i < batch; ++i) fn();
-    samples.push_back(std::chrono::duration<double>(Clock::now() - s).count() / batch);
+    samples.push_back((now_seconds() - s) / batch);
   }
   if (g_options.minimum) return *std::min_element(samples.begin(), samples.end());
   std::nth_element(samples.begin(), samples.begin() + samples.size() / 2, samples.end());
@@ -267,8 +279,9 @@ void bench_kron(const Options& o) {
       b.grad_A = gA.data();
       b.grad_B = gB.data();
       const double s = time_call([&] { bem::kron_backward_cpu(b); }, o.repeats);
-      // grad_x: two products like the forward; grad_A and grad_B: one more product each.
-      print_row({"kron_backward", shape, s, 2.0 * T * 4 * macs_per_token, 4.0 * T * (2 * d_in + 2 * d_out), "grad x, A, B"});
+      // P = dY·B, grad_x = Aᵀ·P, grad_A from X·Pᵀ, Q = A·X, grad_B from dYᵀ·Q (multiply-adds per token).
+      const double bwd_macs = double(o1 * o2 * i2 + 3 * i1 * o1 * i2 + o2 * o1 * i2);
+      print_row({"kron_backward", shape, s, 2.0 * T * bwd_macs, 4.0 * T * (2 * d_in + 2 * d_out), "grad x, A, B"});
     }
   }
   if (selected(o, "spectral_norm")) {
@@ -347,16 +360,19 @@ int main(int argc, char** argv) {
       o.threads = std::atoi(argv[++i]);
     } else if (a == "--min") {
       o.minimum = true;
+    } else if (a == "--cpu-time") {
+      o.cpu_time = true;
     } else {
-      std::fprintf(stderr, "usage: bem_bench [--filter SUBSTRING] [--repeats N] [--threads N] [--min]\n");
+      std::fprintf(stderr, "usage: bem_bench [--filter SUBSTRING] [--repeats N] [--threads N] [--min] [--cpu-time]\n");
       return 2;
     }
   }
   g_options = o;
   if (o.threads > 0) bem::set_num_threads(o.threads);
-  std::printf("bem_bench on %s, %u CPUs, bem threads %d, SIMD %s; %s of %d repeats\n\n", cpu_model().c_str(),
-              std::thread::hardware_concurrency(), bem::num_threads(),
-              bem::detail::simd_level_name(bem::detail::simd_level()), o.minimum ? "minimum" : "medians", o.repeats);
+  std::printf("bem_bench on %s, %u CPUs, bem threads %d, SIMD %s; %s of %d repeats (%s)\n\n",
+              cpu_model().c_str(), std::thread::hardware_concurrency(), bem::num_threads(),
+              bem::detail::simd_level_name(bem::detail::simd_level()), o.minimum ? "minimum" : "medians", o.repeats,
+              o.cpu_time ? "thread CPU time" : "wall clock");
   std::printf("| kernel | shape | µs/call | GFLOP/s | GB/s | note |\n|---|---|---:|---:|---:|---|\n");
   bench_lora(o);
   bench_kron(o);

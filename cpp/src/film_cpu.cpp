@@ -97,14 +97,16 @@ const FilmKernels& kernels_for(DType dtype) {
 // Elements from which the pool is used (a few hundred KB: below that, waking threads costs more).
 constexpr int64_t kParallelElements = int64_t{1} << 16;
 
-// Outputs at least half the last-level cache are streamed past it.
+// Outputs from this size on are streamed past the cache: half the last-level cache, capped at
+// 16 MB because virtual machines often report the host's whole L3.
 int64_t stream_threshold_bytes() {
   static const int64_t bytes = [] {
+    constexpr int64_t cap = int64_t{16} << 20;
     long l3 = -1;
 #ifdef _SC_LEVEL3_CACHE_SIZE
     l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
 #endif
-    return l3 > 0 ? static_cast<int64_t>(l3) / 2 : int64_t{16} << 20;
+    return l3 > 0 ? std::max<int64_t>(int64_t{1} << 20, std::min<int64_t>(cap, static_cast<int64_t>(l3) / 2)) : cap;
   }();
   return bytes;
 }

@@ -91,20 +91,52 @@ void gemm_dispatch(int mt, int nvec, int last, int64_t K, const TA* a, int64_t s
 }
 
 // C[m, n] (+)= Σ_k a[m·sam + k·sak] · b[k·ldb + n], m < M, n < N, k < K; C row-major (ldc).
-template <class TA, class TB>
+// Tiles of MT × NV vectors (the default suits N of a few vectors; the LoRA shrink takes 6 × 4).
+// When several row tiles reuse a column panel of Bop whose rows are far apart (e.g. token rows of
+// x, 16 KB apart: they all map to the same L1 sets), the panel is first copied to contiguous fp32.
+template <class TA, class TB, int MT = kGemmMT, int NV = kGemmNV>
 void gemm(int64_t M, int64_t N, int64_t K, const TA* a, int64_t sam, int64_t sak, const TB* b,
           int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  constexpr int NB = kGemmNV * W;
+  constexpr int NB = NV * W;
+  const bool pack = M > MT && K > 1 && ldb > NB && ldb * static_cast<int64_t>(sizeof(TB)) >= 1024;
+  thread_local std::vector<float> panel_buf;
+  float* panel = pack ? tls_buffer(panel_buf, K * NB) : nullptr;
   for (int64_t n0 = 0; n0 < N; n0 += NB) {
     const int ncols = static_cast<int>(std::min<int64_t>(NB, N - n0));
     const int nvec = (ncols + W - 1) / W;
     const int last = ncols - (nvec - 1) * W;
-    for (int64_t m0 = 0; m0 < M; m0 += kGemmMT) {
-      const int mt = static_cast<int>(std::min<int64_t>(kGemmMT, M - m0));
-      gemm_dispatch<TA, TB, kGemmMT, kGemmNV>(mt, nvec, last, K, a + m0 * sam, sam, sak, b + n0, ldb,
-                                              c + m0 * ldc + n0, ldc, accumulate);
+    if (pack) {
+      for (int64_t kk = 0; kk < K; ++kk) {
+        const TB* src = b + kk * ldb + n0;
+        float* dst = panel + kk * NB;
+        for (int v = 0; v < nvec; ++v) {
+          const int lanes = v + 1 < nvec ? W : last;
+          V::store(dst + v * W, lanes == W ? V::load(src + v * W) : V::loadn(src + v * W, lanes));
+        }
+      }
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += MT) {
+      const int mt = static_cast<int>(std::min<int64_t>(MT, M - m0));
+      if (pack) {
+        gemm_dispatch<TA, float, MT, NV>(mt, nvec, last, K, a + m0 * sam, sam, sak, panel, NB, c + m0 * ldc + n0,
+                                         ldc, accumulate);
+      } else {
+        gemm_dispatch<TA, TB, MT, NV>(mt, nvec, last, K, a + m0 * sam, sam, sak, b + n0, ldb, c + m0 * ldc + n0,
+                                      ldc, accumulate);
+      }
     }
   }
+}
+
+// Loads W rows (rows[i], i < nrows; the others read as zero) at columns [col, col + nc), nc ≤ W,
+// and transposes them in registers: v[c] holds column col + c of the W rows.
+template <class T>
+BEM_INLINE void load_transposed(const T* const* rows, int nrows, int64_t col, int nc, F* v) {
+  for (int w = 0; w < W; ++w) {
+    const T* p = rows[w < nrows ? w : 0] + col;
+    v[w] = w >= nrows ? V::zero() : (nc == W ? V::load(p) : V::loadn(p, nc));
+  }
+  V::transpose(v);
 }
 
 // Stores one vector of results at p (lanes valid), adding the old values when accumulating, and
@@ -124,7 +156,8 @@ BEM_INLINE void store_out(TY* p, F v, int lanes, bool accumulate, F& chk) {
 //   out[m][col + c] (+)= Σ_j coef[m·k + j] · rows[j][col + c].
 template <class TY, class TR, int MT, int NV, bool FULL>
 void combine_tile(int64_t k, const TR* const* rows, int64_t col, int last, const float* coef,
-                  TY* const* out, bool accumulate, F& chk) {
+                  TY* const* out, bool accumulate, F& chk_io) {
+  F chk = chk_io;
   F acc[MT][NV];
   BEM_UNROLL for (int m = 0; m < MT; ++m) {
     BEM_UNROLL for (int v = 0; v < NV; ++v) acc[m][v] = V::zero();
@@ -143,6 +176,7 @@ void combine_tile(int64_t k, const TR* const* rows, int64_t col, int last, const
       store_out(out[m] + col + v * W, acc[m][v], (FULL || v < NV - 1) ? W : last, accumulate, chk);
     }
   }
+  chk_io = chk;
 }
 
 template <class TY, class TR, int MT, int NV>

@@ -28,7 +28,8 @@ using detail::tls_buffer;
 // strategy for the whole run, so the result never depends on how the run is split over threads.
 struct Run {
   int64_t t0, t1, e;
-  bool packed;
+  bool packed;       // expand: packed (else row-dot)
+  bool shrink_gemm;  // shrink: broadcast-form GEMM (else dot-product tiles)
 };
 
 // Everything the work items read; built once per call.
@@ -60,7 +61,7 @@ struct LoraArgs {
 
 struct LoraKernels {
   int width;  // SIMD lanes, for the expand cost model
-  void (*shrink)(const LoraArgs&, int64_t e, int64_t t0, int64_t t1, int64_t j0, int64_t j1);
+  void (*shrink)(const LoraArgs&, const Run&, int64_t t0, int64_t t1, int64_t j0, int64_t j1);
   bool (*expand)(const LoraArgs&, const Run&, int64_t o0, int64_t o1);
   void (*grad_u)(const LoraArgs&, const Run&, int64_t t0, int64_t t1);
   void (*grad_x)(const LoraArgs&, const Run&, int64_t t0, int64_t t1);
@@ -132,6 +133,8 @@ const LoraKernels& kernels_for(DType dtype) {
 
 // Below this many multiply-adds a call runs on the calling thread: waking the pool costs more.
 constexpr int64_t kParallelMacs = int64_t{1} << 19;
+// Segments from which the shrink transposes rows of A for the GEMM form.
+constexpr int64_t kShrinkGemmMinTokens = 24;
 // Scratch above this many floats is released after the call instead of kept for the next one.
 constexpr size_t kKeepScratchFloats = size_t{1} << 22;
 
@@ -174,14 +177,16 @@ void build_runs(const LoraArgs& a, const int64_t* expert_index, int width, std::
     const int64_t e = expert_index ? expert_index[t] : 0;
     int64_t t1 = t + 1;
     while (t1 < a.tokens && (expert_index ? expert_index[t1] : 0) == e) ++t1;
-    runs.push_back(Run{t, t1, e, false});
+    runs.push_back(Run{t, t1, e, false, false});
     t = t1;
   }
-  // Cost per W output columns, in vector operations: the row-dot expand reads every token's
-  // W rows of B and reduces them across lanes (≈ W·(⌈r/W⌉ + 3) per token); packing costs about one
-  // scalar move per used B element (W·|used ranks|) and then k FMAs per token.
-  const double W = width;
-  const double rowdot_per_token = W * (static_cast<double>((a.r + width - 1) / width) + 3.0);
+  // Expand cost in ns per output column, fitted on Zen 4 with AVX-512 (the ratios, which are all
+  // that matter, hold for AVX2): the row-dot expand pays per token for all r values of each B row
+  // (the packed-rows path for r = 4 or 8 is much cheaper); the packed expand pays once per run for
+  // transposing the used columns and then ~k FMAs per token.
+  const bool small_rows = width > 1 && (a.r == 4 || (a.r == 8 && width == 16));
+  const double rowdot_per_token = small_rows ? 0.4 : 0.85 + 0.057 * static_cast<double>(a.r);
+  const double packed_per_token = 0.27 + 0.018 * static_cast<double>(a.k);
   for (Run& run : runs) {
     if (run.e < 0) continue;
     const double n = static_cast<double>(run.t1 - run.t0);
@@ -197,9 +202,18 @@ void build_runs(const LoraArgs& a, const int64_t* expert_index, int width, std::
         }
       }
     }
-    const double packed_cost = W * 1.5 * static_cast<double>(used) + n * static_cast<double>(a.k);
+    const double packed_cost = 1.0 + 0.16 * static_cast<double>(used) + n * packed_per_token;
     const int forced = detail::g_lora_expand_override.load(std::memory_order_relaxed);
     run.packed = forced >= 0 ? forced == 1 : packed_cost < n * rowdot_per_token;
+    // The GEMM shrink needs a full vector of active ranks and segments long enough to pay for
+    // transposing their rows of A.
+    int64_t shortest = run.t1 - run.t0;
+    for (int64_t t = run.t0; t < run.t1 && a.idx_stride != 0;) {
+      const int64_t s1 = segment_end(a, t, run.t1);
+      shortest = std::min(shortest, s1 - t);
+      t = s1;
+    }
+    run.shrink_gemm = width > 1 && a.k >= width && shortest >= kShrinkGemmMinTokens;
   }
 }
 
@@ -332,7 +346,7 @@ bool lora_forward_cpu(const LoraForwardParams& p) {
   bool finite = true;
   if (threads == 1) {
     for (const Run& run : runs)
-      if (run.e >= 0) kern.shrink(a, run.e, run.t0, run.t1, 0, a.k);
+      if (run.e >= 0) kern.shrink(a, run, run.t0, run.t1, 0, a.k);
     for (const Run& run : runs)
       if (run.e >= 0) finite &= kern.expand(a, run, 0, a.d_out);
   } else {
@@ -342,7 +356,7 @@ bool lora_forward_cpu(const LoraForwardParams& p) {
     parallel_for(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const Item& it = items[i];
-        kern.shrink(a, runs[it.run].e, it.t0, it.t1, it.c0, it.c1);
+        kern.shrink(a, runs[it.run], it.t0, it.t1, it.c0, it.c1);
       }
     });
     // Expand: whole runs (the packing decision is per run), split over output columns (multiples
@@ -455,7 +469,7 @@ void lora_backward_cpu(const LoraBackwardParams& p) {
       a.S = const_cast<float*>(p.shrink);  // read only in the backward
     } else {
       a.S = tls_buffer(ps.S, T * k);
-      over_tokens(16, [&](const Run& run, int64_t t0, int64_t t1) { kern.shrink(a, run.e, t0, t1, 0, k); });
+      over_tokens(16, [&](const Run& run, int64_t t0, int64_t t1) { kern.shrink(a, run, t0, t1, 0, k); });
     }
   }
   if (need_u) {

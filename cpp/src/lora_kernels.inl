@@ -44,43 +44,94 @@ void shrink_tile(const T* const* xr, const T* const* ar, int64_t d, float* out) 
   for (int i = 0; i < N; ++i) out[i] = lanes_out[i];
 }
 
+// Columns [c0, c0 + kc) of the dot products of nt tokens with the rank rows [j0, j1): written to S
+// for the first column block, added to it for the others.
 template <class T, int MT>
-void shrink_block(int nt, const T* const* xr, const T* A_e, int64_t d_in, const int64_t* ranks,
-                  int64_t j0, int64_t j1, float* S, int64_t k) {
+void shrink_block(int nt, const T* const* xr, const T* A_e, int64_t d_in, int64_t c0, int64_t kc,
+                  const int64_t* ranks, int64_t j0, int64_t j1, float* S, int64_t k) {
   if constexpr (MT > 1) {
     if (nt < MT) {
-      shrink_block<T, MT - 1>(nt, xr, A_e, d_in, ranks, j0, j1, S, k);
+      shrink_block<T, MT - 1>(nt, xr, A_e, d_in, c0, kc, ranks, j0, j1, S, k);
       return;
     }
   }
   constexpr int MR = MT == 1 ? kShrinkMR1 : kShrinkMR;
+  const T* xo[MT];
+  for (int m = 0; m < MT; ++m) xo[m] = xr[m] + c0;
   float out[MT * MR];
   for (int64_t j = j0; j < j1; j += MR) {
     const int nr = static_cast<int>(std::min<int64_t>(MR, j1 - j));
     const T* ar[MR];
-    for (int q = 0; q < MR; ++q) ar[q] = A_e + ranks[j + std::min(q, nr - 1)] * d_in;
-    shrink_tile<T, MT, MR>(xr, ar, d_in, out);
-    for (int m = 0; m < MT; ++m)
-      for (int q = 0; q < nr; ++q) S[m * k + j + q] = out[m * MR + q];
+    for (int q = 0; q < MR; ++q) ar[q] = A_e + ranks[j + std::min(q, nr - 1)] * d_in + c0;
+    shrink_tile<T, MT, MR>(xo, ar, kc, out);
+    for (int m = 0; m < MT; ++m) {
+      for (int q = 0; q < nr; ++q) {
+        float& s = S[m * k + j + q];
+        s = c0 == 0 ? out[m * MR + q] : s + out[m * MR + q];
+      }
+    }
   }
 }
 
-// S rows [t0, t1) (all routed to expert e), active slots [j0, j1).
+// Long segments with k ≥ W take the broadcast form instead: the selected rows of A are transposed
+// once per segment and 4 KB column block into At (kc, nj), and S = X·At is a register-blocked GEMM
+// (one contiguous stream of At, no horizontal sums).
+constexpr int kShrinkGemmMT = W >= 16 ? 6 : kGemmMT;
+constexpr int kShrinkGemmNV = W >= 16 ? 4 : kGemmNV;
+
 template <class T>
-void shrink(const LoraArgs& a, int64_t e, int64_t t0, int64_t t1, int64_t j0, int64_t j1) {
-  const T* x = static_cast<const T*>(a.x);
-  const T* A_e = static_cast<const T*>(a.A) + e * a.r * a.d_in;
-  int64_t t = t0;
-  while (t < t1) {
-    const int64_t* ranks = a.idx + t * a.idx_stride;
-    const int64_t s1 = segment_end(a, t, t1);
-    for (int64_t tt = t; tt < s1; tt += kShrinkMT) {
-      const int nt = static_cast<int>(std::min<int64_t>(kShrinkMT, s1 - tt));
-      const T* xr[kShrinkMT];
-      for (int m = 0; m < kShrinkMT; ++m) xr[m] = x + (tt + std::min(m, nt - 1)) * a.ld_x;
-      shrink_block<T, kShrinkMT>(nt, xr, A_e, a.d_in, ranks, j0, j1, a.S + tt * a.k, a.k);
+void shrink_gemm(const LoraArgs& a, const T* A_e, const int64_t* ranks, int64_t t, int64_t n, int64_t c0,
+                 int64_t kc, int64_t j0, int64_t j1) {
+  thread_local std::vector<float> at_buf;
+  const int64_t nj = j1 - j0;
+  float* At = tls_buffer(at_buf, kc * nj);
+  for (int64_t jb = j0; jb < j1; jb += W) {
+    const int nr = static_cast<int>(std::min<int64_t>(W, j1 - jb));
+    const T* rows[W];
+    for (int i = 0; i < W; ++i) rows[i] = A_e + ranks[jb + std::min(i, nr - 1)] * a.d_in;
+    for (int64_t cc = 0; cc < kc; cc += W) {
+      const int nc = static_cast<int>(std::min<int64_t>(W, kc - cc));
+      F v[W];
+      load_transposed(rows, nr, c0 + cc, nc, v);
+      for (int c = 0; c < nc; ++c) {
+        float* out = At + (cc + c) * nj + (jb - j0);
+        if (nr == W) {
+          V::store(out, v[c]);
+        } else {
+          V::storen(out, v[c], nr);
+        }
+      }
     }
-    t = s1;
+  }
+  const T* x = static_cast<const T*>(a.x) + t * a.ld_x + c0;
+  gemm<T, float, kShrinkGemmMT, kShrinkGemmNV>(n, nj, kc, x, a.ld_x, 1, At, nj, a.S + t * a.k + j0, a.k, c0 > 0);
+}
+
+// S rows [t0, t1) of `run`, active slots [j0, j1). d_in is cut into blocks of 4 KB rows so the
+// selected rows of A stay in L2 while every token of the run passes over them.
+template <class T>
+void shrink(const LoraArgs& a, const Run& run, int64_t t0, int64_t t1, int64_t j0, int64_t j1) {
+  constexpr int64_t KC = 4096 / sizeof(T);
+  const T* x = static_cast<const T*>(a.x);
+  const T* A_e = static_cast<const T*>(a.A) + run.e * a.r * a.d_in;
+  for (int64_t c0 = 0; c0 < a.d_in; c0 += KC) {
+    const int64_t kc = std::min(KC, a.d_in - c0);
+    int64_t t = t0;
+    while (t < t1) {
+      const int64_t* ranks = a.idx + t * a.idx_stride;
+      const int64_t s1 = segment_end(a, t, t1);
+      if (run.shrink_gemm) {
+        shrink_gemm<T>(a, A_e, ranks, t, s1 - t, c0, kc, j0, j1);
+      } else {
+        for (int64_t tt = t; tt < s1; tt += kShrinkMT) {
+          const int nt = static_cast<int>(std::min<int64_t>(kShrinkMT, s1 - tt));
+          const T* xr[kShrinkMT];
+          for (int m = 0; m < kShrinkMT; ++m) xr[m] = x + (tt + std::min(m, nt - 1)) * a.ld_x;
+          shrink_block<T, kShrinkMT>(nt, xr, A_e, a.d_in, c0, kc, ranks, j0, j1, a.S + tt * a.k, a.k);
+        }
+      }
+      t = s1;
+    }
   }
 }
 
@@ -118,6 +169,51 @@ bool combine_segments(const LoraArgs& a, int64_t t0, int64_t n, const TR* const*
   return ok;
 }
 
+// Lane w = B[w, :] · c for the rows w < nrow of a block (row stride r, rv vectors per row, the last
+// one rtail lanes); c is zero-padded to rv·W. RV > 0 fixes rv at compile time (unrolled, c kept in
+// registers); FULL fixes nrow = W.
+template <class T, int RV, bool FULL>
+BEM_INLINE F rowdot_block(const T* block, int64_t r, int nrow, int64_t rv, int rtail, const float* c) {
+  constexpr int CV = RV > 0 ? RV : 1;
+  F cv[CV];
+  if constexpr (RV > 0) {
+    BEM_UNROLL for (int v = 0; v < RV; ++v) cv[v] = V::load(c + v * W);
+  }
+  F part[W];
+  BEM_UNROLL for (int w = 0; w < W; ++w) {
+    if (!FULL && w >= nrow) {
+      part[w] = V::zero();
+      continue;
+    }
+    const T* brow = block + w * r;
+    F acc = V::zero();
+    if constexpr (RV > 0) {
+      BEM_UNROLL for (int v = 0; v + 1 < RV; ++v) acc = V::fmadd(V::load(brow + v * W), cv[v], acc);
+      const T* last = brow + (RV - 1) * W;
+      acc = V::fmadd(rtail == W ? V::load(last) : V::loadn(last, rtail), cv[RV - 1], acc);
+    } else {
+      for (int64_t v = 0; v + 1 < rv; ++v) acc = V::fmadd(V::load(brow + v * W), V::load(c + v * W), acc);
+      const T* last = brow + (rv - 1) * W;
+      acc = V::fmadd(rtail == W ? V::load(last) : V::loadn(last, rtail), V::load(c + (rv - 1) * W), acc);
+    }
+    part[w] = acc;
+  }
+  return V::reduce_lanes(part);
+}
+
+template <class T>
+F rowdot_dispatch(const T* block, int64_t r, int nrow, int64_t rv, int rtail, const float* c) {
+  if (nrow == W) {
+    switch (rv) {
+      case 1: return rowdot_block<T, 1, true>(block, r, nrow, rv, rtail, c);
+      case 2: return rowdot_block<T, 2, true>(block, r, nrow, rv, rtail, c);
+      case 4: return rowdot_block<T, 4, true>(block, r, nrow, rv, rtail, c);
+      default: return rowdot_block<T, 0, true>(block, r, nrow, rv, rtail, c);
+    }
+  }
+  return rowdot_block<T, 0, false>(block, r, nrow, rv, rtail, c);
+}
+
 // Short runs: each block of W output rows of B (W·r contiguous values) is multiplied by the
 // token's zero-padded coefficient vector and reduced across lanes; no packing.
 template <class T>
@@ -125,7 +221,7 @@ bool expand_rowdot(const LoraArgs& a, const Run& run, int64_t o0, int64_t o1) {
   const int64_t n = run.t1 - run.t0, k = a.k, r = a.r;
   const int64_t rv = (r + W - 1) / W, rpad = rv * W;
   const int rtail = static_cast<int>(r - (rv - 1) * W);
-  thread_local std::vector<float> coef_buf, cfull_buf;
+  thread_local std::vector<float> coef_buf, cfull_buf, cdup_buf;
   float* coef = tls_buffer(coef_buf, n * k);
   float* cfull = tls_buffer(cfull_buf, n * rpad);
   fill_coef(a, run.t0, n, coef);
@@ -136,28 +232,65 @@ bool expand_rowdot(const LoraArgs& a, const Run& run, int64_t o0, int64_t o1) {
   }
   const T* Be = static_cast<const T*>(a.B) + run.e * a.d_out * r;
   T* y = static_cast<T*>(a.y);
+  // r = 4 (or 8 under AVX-512): a block of W rows is r full vectors of W/r rows each, multiplied
+  // by the coefficients repeated W/r times and reduced per row.
+  const bool small_rows = (V::kReduceRows4 && r == 4) || (V::kReduceRows8 && r == 8);
+  float* cdup = tls_buffer(cdup_buf, small_rows ? n * W : 0);
+  if (small_rows) {
+    for (int64_t t = 0; t < n; ++t)
+      for (int i = 0; i < W; ++i) cdup[t * W + i] = cfull[t * rpad + i % r];
+  }
   F chk = V::zero();
   for (int64_t ob = o0; ob < o1; ob += W) {
     const int nrow = static_cast<int>(std::min<int64_t>(W, o1 - ob));
-    for (int64_t t = 0; t < n; ++t) {
-      const float* c = cfull + t * rpad;
-      F part[W];
-      for (int w = 0; w < W; ++w) {
-        if (w >= nrow) {
-          part[w] = V::zero();
-          continue;
+    if (small_rows && nrow == W) {
+      const T* block = Be + ob * r;
+      for (int64_t t = 0; t < n; ++t) {
+        const F c = V::load(cdup + t * W);
+        F v[8];
+        F out;
+        if (r == 4) {
+          for (int q = 0; q < 4; ++q) v[q] = V::mul(V::load(block + q * W), c);
+          out = V::reduce_rows4(v);
+        } else {
+          for (int q = 0; q < 8; ++q) v[q] = V::mul(V::load(block + q * W), c);
+          out = V::reduce_rows8(v);
         }
-        const T* brow = Be + (ob + w) * r;
-        F acc = V::zero();
-        for (int64_t v = 0; v + 1 < rv; ++v) acc = V::fmadd(V::load(brow + v * W), V::load(c + v * W), acc);
-        const T* last = brow + (rv - 1) * W;
-        acc = V::fmadd(rtail == W ? V::load(last) : V::loadn(last, rtail), V::load(c + (rv - 1) * W), acc);
-        part[w] = acc;
+        store_out(y + (run.t0 + t) * a.ld_y + ob, out, W, a.accumulate, chk);
       }
-      store_out(y + (run.t0 + t) * a.ld_y + ob, V::reduce_lanes(part), nrow, a.accumulate, chk);
+      continue;
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      const F out = rowdot_dispatch(Be + ob * r, r, nrow, rv, rtail, cfull + t * rpad);
+      store_out(y + (run.t0 + t) * a.ld_y + ob, out, nrow, a.accumulate, chk);
     }
   }
   return V::all_zero(chk);
+}
+
+// Rows [0, nrows) (nrows ≤ W) of a row-major (·, r) block → dst[slot[j]·ld + w] for the columns j
+// with slot[j] ≥ 0, W×W tiles transposed in registers.
+template <class T>
+void pack_transposed(const T* rows, int64_t r, int nrows, const int32_t* slot, float* dst, int64_t ld) {
+  const T* ptr[W];
+  for (int w = 0; w < W; ++w) ptr[w] = rows + w * r;
+  for (int64_t j0 = 0; j0 < r; j0 += W) {
+    const int nc = static_cast<int>(std::min<int64_t>(W, r - j0));
+    bool any = false;
+    for (int c = 0; c < nc; ++c) any |= slot[j0 + c] >= 0;
+    if (!any) continue;
+    F v[W];
+    load_transposed(ptr, nrows, j0, nc, v);
+    for (int c = 0; c < nc; ++c) {
+      if (slot[j0 + c] < 0) continue;
+      float* out = dst + slot[j0 + c] * ld;
+      if (nrows == W) {
+        V::store(out, v[c]);
+      } else {
+        V::storen(out, v[c], nrows);
+      }
+    }
+  }
 }
 
 // Long runs: the used columns of B[e] are packed transposed (fp32, kPackCols outputs at a time, so
@@ -200,9 +333,8 @@ bool expand_packed(const LoraArgs& a, const Run& run, int64_t o0, int64_t o1) {
   bool ok = true;
   for (int64_t cb = o0; cb < o1; cb += kPackCols) {
     const int64_t nc = std::min<int64_t>(kPackCols, o1 - cb);
-    for (int64_t o = 0; o < nc; ++o) {
-      const T* brow = Be + (cb + o) * r;
-      for (int64_t u = 0; u < n_used; ++u) packed[u * kPackCols + o] = to_float(brow[used[u]]);
+    for (int64_t o = 0; o < nc; o += W) {
+      pack_transposed(Be + (cb + o) * r, r, static_cast<int>(std::min<int64_t>(W, nc - o)), slot, packed + o, kPackCols);
     }
     for (int64_t t = 0; t < n; ++t) outs[t] = y + (run.t0 + t) * a.ld_y + cb;
     ok &= combine_segments<T, float>(a, run.t0, n, rows, 0, nc, coef, outs, a.accumulate);
@@ -225,7 +357,7 @@ void grad_u(const LoraArgs& a, const Run& run, int64_t t0, int64_t t1) {
   float* uf = tls_buffer(ufull_buf, nt * r);
   const T* dy = static_cast<const T*>(a.dy);
   const T* Be = static_cast<const T*>(a.B) + run.e * a.d_out * r;
-  gemm<T, T>(nt, r, a.d_out, dy + t0 * a.d_out, a.d_out, 1, Be, r, uf, r, false);
+  gemm<T, T, kShrinkGemmMT, kShrinkGemmNV>(nt, r, a.d_out, dy + t0 * a.d_out, a.d_out, 1, Be, r, uf, r, false);
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t* ranks = a.idx + t * a.idx_stride;
     for (int64_t j = 0; j < k; ++j) a.grad_s[t * k + j] = uf[(t - t0) * r + ranks[j]];
@@ -258,8 +390,8 @@ void grad_A(const LoraArgs& a, int64_t e, int64_t c0, int64_t c1) {
   for (int64_t q = 0; q < a.n_runs; ++q) {
     const Run& run = a.runs[q];
     if (run.e != e) continue;
-    gemm<float, T>(r, c1 - c0, run.t1 - run.t0, a.v_full + run.t0 * r, 1, r, x + run.t0 * d_in + c0,
-                   d_in, G + c0, d_in, true);
+    gemm<float, T, kShrinkGemmMT, kShrinkGemmNV>(r, c1 - c0, run.t1 - run.t0, a.v_full + run.t0 * r, 1, r,
+                                                 x + run.t0 * d_in + c0, d_in, G + c0, d_in, true);
   }
 }
 
@@ -273,8 +405,8 @@ void grad_B(const LoraArgs& a, int64_t e, int64_t o0, int64_t o1) {
   for (int64_t q = 0; q < a.n_runs; ++q) {
     const Run& run = a.runs[q];
     if (run.e != e) continue;
-    gemm<T, float>(o1 - o0, r, run.t1 - run.t0, dy + run.t0 * d_out + o0, 1, d_out,
-                   a.w_full + run.t0 * r, r, G + o0 * r, r, true);
+    gemm<T, float, kShrinkGemmMT, kShrinkGemmNV>(o1 - o0, r, run.t1 - run.t0, dy + run.t0 * d_out + o0, 1, d_out,
+                                                 a.w_full + run.t0 * r, r, G + o0 * r, r, true);
   }
 }
 

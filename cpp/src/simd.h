@@ -48,7 +48,8 @@ namespace simd {
 //   stream(p, v) a non-temporal fp32 store to p aligned to W floats (stream_fence orders them),
 //   fmadd(a, b, c) = a·b + c, add, mul, min/max (x86 semantics: the second operand wins when
 //   unordered), keep_in_range(v, g, lo, hi) = v where lo <= g <= hi else 0, reduce_lanes(v[W])
-//   (lane w = sum of v[w]'s lanes, by one fixed tree for every w), check/all_zero for the
+//   (lane w = sum of v[w]'s lanes, by one fixed tree for every w), transpose(v[W]) in place,
+//   check/all_zero for the
 //   finiteness accumulator (chk += stored·0 turns NaN for any inf or NaN).
 struct Scalar {
   static constexpr int W = 1;
@@ -72,6 +73,10 @@ struct Scalar {
   static BEM_INLINE F max(F a, F b) { return a > b ? a : b; }
   static BEM_INLINE F keep_in_range(F v, F g, F lo, F hi) { return (g >= lo && g <= hi) ? v : 0.0f; }
   static BEM_INLINE F reduce_lanes(const F* v) { return v[0]; }
+  static BEM_INLINE void transpose(F*) {}
+  static constexpr bool kReduceRows4 = false, kReduceRows8 = false;
+  static BEM_INLINE F reduce_rows4(const F* v) { return v[0]; }
+  static BEM_INLINE F reduce_rows8(const F* v) { return v[0]; }
   static BEM_INLINE void check(F& chk, F stored) { chk = stored * 0.0f + chk; }
   static BEM_INLINE bool all_zero(F chk) { return chk == 0.0f; }
 };
@@ -173,6 +178,32 @@ struct Avx2 {
     const F s4567 = _mm256_hadd_ps(s45, s67);
     return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
                          _mm256_permute2f128_ps(s0123, s4567, 0x31));
+  }
+  // Rows of 4 values packed two per vector: v[q] holds rows 2q, 2q+1 (of a block of 8 rows);
+  // lane w of the result is the sum of row w (the same tree for every row).
+  static constexpr bool kReduceRows4 = true, kReduceRows8 = false;
+  static BEM_INLINE F reduce_rows4(const F* v) {
+    const F s = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    return _mm256_permutevar8x32_ps(s, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  }
+  static BEM_INLINE F reduce_rows8(const F* v) { return reduce_lanes(v); }
+  // In-place 8×8 transpose: v[c] becomes column c of the rows v[0..7].
+  static BEM_INLINE void transpose(F* v) {
+    F t[8], u[8];
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = _mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+      t[2 * i + 1] = _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; ++i) {
+      u[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+      u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+      u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+      u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int q = 0; q < 4; ++q) {
+      v[q] = _mm256_permute2f128_ps(u[q], u[4 + q], 0x20);
+      v[4 + q] = _mm256_permute2f128_ps(u[q], u[4 + q], 0x31);
+    }
   }
   static BEM_INLINE void check(F& chk, F stored) { chk = _mm256_fmadd_ps(stored, _mm256_setzero_ps(), chk); }
   static BEM_INLINE bool all_zero(F chk) {
@@ -281,6 +312,57 @@ struct Avx512 {
     }
     return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
                          _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+  // Rows of 4 (or 8) values packed 4 (or 2) per vector, 16 rows in 4 (or 8) vectors; lane w of the
+  // result is the sum of row w. The first stages of reduce_lanes, then a permutation back to row
+  // order (the same tree for every row).
+  static constexpr bool kReduceRows4 = true, kReduceRows8 = true;
+  static BEM_INLINE F pair_sum(F a, F b) {
+    return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  }
+  static BEM_INLINE F quad_sum(F a, F b) {
+    return _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  static BEM_INLINE F reduce_rows4(const F* v) {
+    // 128-bit lane L of v[q] is row 4q + L; after two stages lane 4L + q holds it.
+    const F u = quad_sum(pair_sum(v[0], v[1]), pair_sum(v[2], v[3]));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), u);
+  }
+  static BEM_INLINE F reduce_rows8(const F* v) {
+    // v[q] holds rows 2q (lanes 0-7) and 2q + 1 (lanes 8-15).
+    const F u0 = quad_sum(pair_sum(v[0], v[1]), pair_sum(v[2], v[3]));
+    const F u1 = quad_sum(pair_sum(v[4], v[5]), pair_sum(v[6], v[7]));
+    const F w = _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(2, 0, 2, 0)),
+                              _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(3, 1, 3, 1)));
+    // w = [rows 0 2 4 6 | 1 3 5 7 | 8 10 12 14 | 9 11 13 15]
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15), w);
+  }
+  // In-place 16×16 transpose: v[c] becomes column c of the rows v[0..15]. After the 32- and 64-bit
+  // interleaves, 128-bit lane L of u[4i + q] holds column 4L + q of rows 4i..4i+3.
+  static BEM_INLINE void transpose(F* v) {
+    F t[16], u[16];
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+      t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {
+      const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+      const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+      u[4 * i + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+      u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+      u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+      u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int q = 0; q < 4; ++q) {
+      const F a = _mm512_shuffle_f32x4(u[q], u[4 + q], _MM_SHUFFLE(1, 0, 1, 0));
+      const F b = _mm512_shuffle_f32x4(u[q], u[4 + q], _MM_SHUFFLE(3, 2, 3, 2));
+      const F c = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], _MM_SHUFFLE(1, 0, 1, 0));
+      const F d = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], _MM_SHUFFLE(3, 2, 3, 2));
+      v[q] = _mm512_shuffle_f32x4(a, c, _MM_SHUFFLE(2, 0, 2, 0));
+      v[4 + q] = _mm512_shuffle_f32x4(a, c, _MM_SHUFFLE(3, 1, 3, 1));
+      v[8 + q] = _mm512_shuffle_f32x4(b, d, _MM_SHUFFLE(2, 0, 2, 0));
+      v[12 + q] = _mm512_shuffle_f32x4(b, d, _MM_SHUFFLE(3, 1, 3, 1));
+    }
   }
   static BEM_INLINE void check(F& chk, F stored) { chk = _mm512_fmadd_ps(stored, _mm512_setzero_ps(), chk); }
   static BEM_INLINE bool all_zero(F chk) {

@@ -168,10 +168,14 @@ void test_against_reference() {
       }
     }
   }
-  // Outputs large enough for non-temporal stores (≥ half the L3), rows not 64-byte aligned.
-  Data big = make_data(rng, {2000, 4099, 4, 0.5f, 2.0f, 0.5f}, DType::F32);
-  check_case(big, std::string(bem::detail::simd_level_name(bem::detail::simd_level())) + " float32 streaming " +
-                      describe(big.c));
+  // Outputs large enough for non-temporal stores (16 MB): per sequence and per token with rows a
+  // multiple of the vector width (streamed), and with ragged rows (stored normally).
+  for (const Case& c : {Case{1100, 4096, 11, 0.5f, 2.0f, 0.5f}, Case{1024, 4096, 1024, 0.5f, 2.0f, 0.5f},
+                        Case{1000, 4099, 4, 0.5f, 2.0f, 0.5f}}) {
+    Data big = make_data(rng, c, DType::F32);
+    check_case(big, std::string(bem::detail::simd_level_name(bem::detail::simd_level())) + " float32 large " +
+                        describe(big.c));
+  }
   bem::detail::set_simd_level_cap(SimdLevel::Avx512);
 }
 

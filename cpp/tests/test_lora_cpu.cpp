@@ -5,7 +5,9 @@
 #include <cmath>
 #include <cstdio>
 #include <numeric>
+#include <cstdlib>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "bem/lora.h"
@@ -403,6 +405,11 @@ std::vector<Case> odd_cases() {
   cs.push_back({21, 37, 45, 1, 1, 2, true, false, true, true, 1.0f});
   cs.push_back({150, 37, 45, 33, 17, 3, true, true, true, true, 0.5f});
   cs.push_back({70, 16, 32, 20, 20, 2, false, false, true, true, 1.0f});
+  // r = 4 and 8 take the packed-rows path of the short-run expand under AVX2/AVX-512.
+  cs.push_back({9, 59, 111, 8, 8, 3, false, false, true, true, 0.75f});
+  cs.push_back({9, 59, 111, 8, 3, 3, true, false, true, true, 0.75f});
+  cs.push_back({6, 59, 111, 4, 4, 2, false, false, false, true, 1.5f});
+  cs.push_back({6, 59, 111, 4, 2, 2, true, false, true, true, 1.5f});
   return cs;
 }
 
@@ -637,6 +644,63 @@ void test_argument_errors() {
   CHECK(throws_argument_error([&] { bem::lora_backward_cpu(bp); }, "expert_index", true), "backward: bad expert");
 }
 
+// Several threads calling the kernels at once (as several Python threads may) get exactly the
+// results of serial calls: scratch is per thread and the pool serialises its regions.
+void test_concurrent_callers() {
+  Rng rng(31);
+  const std::vector<Case> cases = {{300, 515, 1031, 24, 10, 4, true, false, true, true, 0.8f},
+                                   {1, 1031, 2053, 64, 64, 2, false, false, true, true, 1.0f},
+                                   {77, 59, 111, 7, 3, 5, true, false, true, true, 0.75f}};
+  std::vector<Problem> problems;
+  std::vector<Inputs> inputs;
+  for (const Case& c : cases) {
+    problems.push_back(make_problem(rng, c));
+    inputs.push_back(make_inputs(problems.back(), DType::F32));
+  }
+  auto run = [&](size_t i, Buf& y, Grads& g) {
+    const Case& c = problems[i].c;
+    y = Buf(DType::F32, static_cast<size_t>(c.T * c.d_out));
+    bem::LoraForwardParams f = forward_params(problems[i], inputs[i], y, c.d_in, inputs[i].x, c.d_out);
+    bem::lora_forward_cpu(f);
+    g = run_backward(problems[i], inputs[i], nullptr);
+  };
+  std::vector<Buf> y_serial(cases.size());
+  std::vector<Grads> g_serial(cases.size());
+  for (size_t i = 0; i < cases.size(); ++i) run(i, y_serial[i], g_serial[i]);
+  std::vector<Buf> y_conc(cases.size() * 2);
+  std::vector<Grads> g_conc(cases.size() * 2);
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < cases.size() * 2; ++i) {
+    threads.emplace_back([&, i] {
+      for (int rep = 0; rep < 3; ++rep) run(i % cases.size(), y_conc[i], g_conc[i]);
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (size_t i = 0; i < cases.size() * 2; ++i) {
+    const size_t q = i % cases.size();
+    CHECK(y_conc[i].same_bits(y_serial[q]), "concurrent forward %zu differs from serial", i);
+    CHECK(g_conc[i].gx.same_bits(g_serial[q].gx) && g_conc[i].gA == g_serial[q].gA && g_conc[i].gB == g_serial[q].gB &&
+              g_conc[i].gg == g_serial[q].gg,
+          "concurrent backward %zu differs from serial", i);
+  }
+}
+
+// BEM_CPU_SIMD caps the dispatch level (read once, at the first call).
+void test_simd_environment_cap() {
+  using bem::detail::env_simd_cap;
+  setenv("BEM_CPU_SIMD", "scalar", 1);
+  CHECK(env_simd_cap() == SimdLevel::Scalar, "BEM_CPU_SIMD=scalar");
+  setenv("BEM_CPU_SIMD", "avx2", 1);
+  CHECK(env_simd_cap() == SimdLevel::Avx2, "BEM_CPU_SIMD=avx2");
+  setenv("BEM_CPU_SIMD", "avx512", 1);
+  CHECK(env_simd_cap() == SimdLevel::Avx512, "BEM_CPU_SIMD=avx512");
+  unsetenv("BEM_CPU_SIMD");
+  CHECK(env_simd_cap() == SimdLevel::Avx512, "no BEM_CPU_SIMD: no cap");
+  CHECK(bem::detail::set_simd_level_cap(SimdLevel::Scalar) == SimdLevel::Scalar, "cap to scalar");
+  CHECK(bem::detail::set_simd_level_cap(SimdLevel::Avx512) == bem::detail::detected_simd_level(),
+        "cap above the CPU's level gives the CPU's level");
+}
+
 }  // namespace
 
 int main() {
@@ -647,5 +711,7 @@ int main() {
   test_finite_flag();
   test_unused_experts_get_zero_gradients();
   test_argument_errors();
+  test_concurrent_callers();
+  test_simd_environment_cap();
   return finish("test_lora_cpu");
 }
