@@ -1,7 +1,7 @@
 """CPU benchmarks of bem.ops against torch eager formulations of the same math, measured in the
 same run: decode overhead on top of F.linear, lora delta grid, kron_delta, film bandwidth.
 
-    python benchmarks/bench_ops.py [--quick] [--only decode,lora,kron,film] [--out FILE]
+    python benchmarks/bench_ops.py [--quick] [--only decode,lora,kron,film] [--clock wall|cpu] [--out FILE]
 
 Prints Markdown tables (medians of interleaved repeats; ratios against the baseline of the same run).
 """
@@ -18,6 +18,7 @@ import bem
 from bem.ops import film, kron_delta, lora_delta
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import timing  # noqa: E402
 from timing import compare, fmt_us, machine  # noqa: E402
 
 
@@ -172,8 +173,13 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     p.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of " + ",".join(BENCHES))
     p.add_argument("--out", help="also write the Markdown to this file")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: time with thread CPU time on one thread (for a loaded, shared machine)")
     args = p.parse_args(argv)
-    parts = [f"Machine: {machine()}; bem {bem.__version__}, {bem.get_num_threads()} bem threads."]
+    if args.clock == "cpu":
+        timing.use_cpu_clock()
+    parts = [f"Machine: {machine()}; bem {bem.__version__}, {bem.get_num_threads()} bem threads; "
+             f"clock: {timing.clock_name()}."]
     for name in args.only.split(","):
         if name not in BENCHES:
             p.error(f"--only: unknown benchmark {name!r}")
