@@ -48,38 +48,8 @@ struct FilmKernels {
 }  // namespace
 }  // namespace bem
 
-namespace bem {
-namespace {
-namespace isa_scalar {
-using V = simd::Scalar;
-#include "film_kernels.inl"
-}  // namespace isa_scalar
-}  // namespace
-}  // namespace bem
-
-#ifdef BEM_SIMD_X86
-BEM_TARGET_AVX2_BEGIN
-namespace bem {
-namespace {
-namespace isa_avx2 {
-using V = simd::Avx2;
-#include "film_kernels.inl"
-}  // namespace isa_avx2
-}  // namespace
-}  // namespace bem
-BEM_TARGET_AVX2_END
-
-BEM_TARGET_AVX512_BEGIN
-namespace bem {
-namespace {
-namespace isa_avx512 {
-using V = simd::Avx512;
-#include "film_kernels.inl"
-}  // namespace isa_avx512
-}  // namespace
-}  // namespace bem
-BEM_TARGET_AVX512_END
-#endif
+#define BEM_ISA_KERNELS "film_kernels.inl"
+#include "isa_instantiate.inl"
 
 namespace bem {
 namespace {
