@@ -161,7 +161,7 @@ double lora_bytes(const LoraData& L) {
 void bench_lora(const Options& o) {
   // Baseline for the decode budget: a 1024×1024 fp32 GEMV (the base layer), run through bem's own
   // shrink path (r = 1024 rows, d_out = 1), i.e. 4 MB of weights streamed once.
-  if (selected(o, "lora")) {
+  if (selected(o, "gemv baseline") || selected(o, "lora_forward")) {
     LoraData G = make_lora(1, 1024, 1024, 1024, 1);
     G.B = random_floats(1024, 9);
     bem::LoraForwardParams p = lora_params(G);
