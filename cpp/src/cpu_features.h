@@ -71,6 +71,8 @@ inline SimdLevel set_simd_level_cap(SimdLevel cap) {
 // Test hook for the LoRA expand strategy: -1 chooses by cost (the default), 0 forces the row-dot
 // expand, 1 forces the packed expand, so tests exercise both on any shape.
 inline std::atomic<int> g_lora_expand_override{-1};
+// Likewise for the LoRA shrink: 0 forces the dot-product tiles, 1 the GEMM form.
+inline std::atomic<int> g_lora_shrink_override{-1};
 
 // Test hook: work (multiply-adds) from which kernels use the thread pool; -1 keeps each kernel's
 // own threshold. Tests set 0 to run the threaded paths on small shapes.

@@ -101,8 +101,9 @@ const LoraKernels& kernels_for(DType dtype) {
 
 // Below this many multiply-adds a call runs on the calling thread: waking the pool costs more.
 constexpr int64_t kParallelMacs = int64_t{1} << 19;
-// Segments from which the shrink transposes rows of A for the GEMM form.
-constexpr int64_t kShrinkGemmMinTokens = 24;
+// Segments from which the shrink transposes rows of A for the GEMM form (measured break-even
+// against the dot-product tiles on Zen 4: ~64 tokens).
+constexpr int64_t kShrinkGemmMinTokens = 64;
 // Scratch above this many floats is released after the call instead of kept for the next one.
 constexpr size_t kKeepScratchFloats = size_t{1} << 22;
 
@@ -181,7 +182,9 @@ void build_runs(const LoraArgs& a, const int64_t* expert_index, int width, std::
       shortest = std::min(shortest, s1 - t);
       t = s1;
     }
-    run.shrink_gemm = width > 1 && a.k >= width && shortest >= kShrinkGemmMinTokens;
+    const int forced_shrink = detail::g_lora_shrink_override.load(std::memory_order_relaxed);
+    run.shrink_gemm = forced_shrink >= 0 ? forced_shrink == 1
+                                         : width > 1 && a.k >= width && shortest >= kShrinkGemmMinTokens;
   }
 }
 

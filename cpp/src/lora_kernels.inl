@@ -10,15 +10,19 @@ constexpr int kShrinkMT = W >= 16 ? 4 : (W >= 8 ? 3 : 2);
 constexpr int kShrinkMR = 4;
 constexpr int kShrinkMR1 = W >= 8 ? 8 : 4;
 
+// MT tokens × MR rank rows over d columns. With MT > 1 the x rows come interleaved (xi: for every
+// W columns, the MT rows' W values one after the other, zero-padded to a whole vector): token rows
+// of x lie d_in apart (16 KB for d_in = 4096) and as separate streams they would all fall into the
+// same L1 sets as the rows of A.
 template <class T, int MT, int MR>
-void shrink_tile(const T* const* xr, const T* const* ar, int64_t d, float* out) {
+void shrink_tile(const T* const* xr, const float* xi, const T* const* ar, int64_t d, float* out) {
   F acc[MT][MR];
   for (int m = 0; m < MT; ++m)
     for (int q = 0; q < MR; ++q) acc[m][q] = V::zero();
   int64_t c = 0;
   for (; c + W <= d; c += W) {
     F xv[MT];
-    for (int m = 0; m < MT; ++m) xv[m] = V::load(xr[m] + c);
+    for (int m = 0; m < MT; ++m) xv[m] = MT > 1 ? V::load(xi + c * MT + m * W) : V::load(xr[m] + c);
     for (int q = 0; q < MR; ++q) {
       const F av = V::load(ar[q] + c);
       for (int m = 0; m < MT; ++m) acc[m][q] = V::fmadd(xv[m], av, acc[m][q]);
@@ -27,7 +31,7 @@ void shrink_tile(const T* const* xr, const T* const* ar, int64_t d, float* out) 
   if (c < d) {
     const int lanes = static_cast<int>(d - c);
     F xv[MT];
-    for (int m = 0; m < MT; ++m) xv[m] = V::loadn(xr[m] + c, lanes);
+    for (int m = 0; m < MT; ++m) xv[m] = MT > 1 ? V::load(xi + c * MT + m * W) : V::loadn(xr[m] + c, lanes);
     for (int q = 0; q < MR; ++q) {
       const F av = V::loadn(ar[q] + c, lanes);
       for (int m = 0; m < MT; ++m) acc[m][q] = V::fmadd(xv[m], av, acc[m][q]);
@@ -58,12 +62,24 @@ void shrink_block(int nt, const T* const* xr, const T* A_e, int64_t d_in, int64_
   constexpr int MR = MT == 1 ? kShrinkMR1 : kShrinkMR;
   const T* xo[MT];
   for (int m = 0; m < MT; ++m) xo[m] = xr[m] + c0;
+  thread_local std::vector<float> xi_buf;
+  float* xi = nullptr;
+  if constexpr (MT > 1) {
+    const int64_t nvec = (kc + W - 1) / W;
+    xi = tls_buffer(xi_buf, nvec * MT * W);
+    for (int64_t v = 0; v < nvec; ++v) {
+      const int lanes = static_cast<int>(std::min<int64_t>(W, kc - v * W));
+      for (int m = 0; m < MT; ++m) {
+        V::store(xi + (v * MT + m) * W, lanes == W ? V::load(xo[m] + v * W) : V::loadn(xo[m] + v * W, lanes));
+      }
+    }
+  }
   float out[MT * MR];
   for (int64_t j = j0; j < j1; j += MR) {
     const int nr = static_cast<int>(std::min<int64_t>(MR, j1 - j));
     const T* ar[MR];
     for (int q = 0; q < MR; ++q) ar[q] = A_e + ranks[j + std::min(q, nr - 1)] * d_in + c0;
-    shrink_tile<T, MT, MR>(xo, ar, kc, out);
+    shrink_tile<T, MT, MR>(xo, xi, ar, kc, out);
     for (int m = 0; m < MT; ++m) {
       for (int q = 0; q < nr; ++q) {
         float& s = S[m * k + j + q];

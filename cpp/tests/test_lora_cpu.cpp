@@ -422,14 +422,20 @@ void test_against_reference() {
     bem::detail::set_simd_level_cap(level);
     for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
       for (const Problem& p : problems) {
+        // Both expand strategies and both shrink forms, forced, and the cost model's choice.
         for (int mode = -1; mode <= 1; ++mode) {
-          bem::detail::g_lora_expand_override.store(mode);
-          const std::string label = std::string(bem::detail::simd_level_name(level)) + " " + name(dt) + " " +
-                                    describe(p.c) + " expand=" + std::to_string(mode);
-          test_forward(p, dt, label);
+          for (int shrink = -1; shrink <= 1; ++shrink) {
+            bem::detail::g_lora_expand_override.store(mode);
+            bem::detail::g_lora_shrink_override.store(shrink);
+            const std::string label = std::string(bem::detail::simd_level_name(level)) + " " + name(dt) + " " +
+                                      describe(p.c) + " expand=" + std::to_string(mode) +
+                                      " shrink=" + std::to_string(shrink);
+            test_forward(p, dt, label);
+            if (mode == -1) test_backward(p, dt, label);
+          }
         }
         bem::detail::g_lora_expand_override.store(-1);
-        test_backward(p, dt, std::string(bem::detail::simd_level_name(level)) + " " + name(dt) + " " + describe(p.c));
+        bem::detail::g_lora_shrink_override.store(-1);
       }
     }
   }
