@@ -6,6 +6,7 @@
 #include <string>
 
 #include "bem/common.h"
+#include "bem/cpu_info.h"
 #include "bem/parallel.h"
 #include "registry.h"
 #ifdef BEM_WITH_CUDA
@@ -65,6 +66,8 @@ PYBIND11_MODULE(_C, m) {
     return d;
   }, "Build options this module was compiled with.");
   m.def("cpu_simd_level", &cpu_simd_level, "Best SIMD instruction set the CPU supports.");
+  m.def("kernel_simd_level", &bem::kernel_simd_level,
+        "SIMD path the CPU kernels dispatch to (the CPU's best, capped by BEM_CPU_SIMD).");
   m.def("num_threads", &bem::num_threads, "Threads bem's CPU kernels use.");
   m.def("set_num_threads", &bem::set_num_threads, py::arg("n"),
         "Set the threads bem's CPU kernels use (n >= 1).");

@@ -14,7 +14,7 @@ from bem.experiments import PretrainConfig, RunConfig, cache_dir, load_or_pretra
 from bem.experiments.evaluation import evaluate
 from bem.experiments.runner import STATE
 from bem.experiments.systems import build, plan_systems
-from bem.experiments.training import evidence, training_ids
+from bem.experiments.training import TaskBatches, evidence, training_ids
 from bem.model import BemForCausalLM, TransformerConfig, generate
 from bem.stats import load_results, validate
 from bem.system import BEMv13System
@@ -23,7 +23,7 @@ from bem.tasks import ByteTokenizer, generate as suite
 TINY_MODEL = TransformerConfig(vocab_size=260, d_model=32, n_layers=1, n_heads=2, d_ff=48,
                                max_positions=320)
 TINY = RunConfig(model=TINY_MODEL,
-                 pretrain=PretrainConfig(steps=3, batch_size=4, n_per_task=6, warmup=1),
+                 pretrain=PretrainConfig(steps=3, batch_tokens=128, n_per_task=6, warmup=1),
                  variants=("V2", "full"), train_steps=2, train_batch_size=4, train_n_per_task=6,
                  eval_n_per_task=3, max_new_tokens=3, budget_fraction=0.1, n_resamples=200)
 STAGES = ["base", "base_eval", "plan", "train:baseline", "eval:baseline", "train:V2", "eval:V2",
@@ -166,7 +166,24 @@ def test_training_layout_and_evidence():
     assert ids[0] == tok.BOS and ids[start - 1] == tok.SEP and ids[-1] == tok.EOS
     assert tok.decode(ids[start:]) == ex.answer
     query, passages, gold = evidence(ex)
-    assert query.startswith("Q:") and len(passages) == 3 and ex.answer in passages[gold]
+    assert query.startswith("Q:") and len(passages) == 6 and ex.answer in passages[gold]
+
+
+def test_task_batches_by_tokens_and_turns():
+    examples = suite("train", 40)
+    batches = TaskBatches(examples, 8, seed=0, batch_tokens=1024, turns={"evidence_qa": 2})
+    mean_len = {}
+    for ex in examples:
+        mean_len.setdefault(ex.task, []).append(len(training_ids(ex)[0]))
+    for task, lens in mean_len.items():      # about 1024 tokens per batch for every task
+        assert abs(batches.sizes[task] * sum(lens) / len(lens) - 1024) <= sum(lens) / len(lens)
+    assert batches.sizes["evidence_qa"] < batches.sizes["arithmetic"]
+    drawn = [batches.next()[0].task for _ in range(5 * 10)]     # 10 rounds of 5 batches
+    assert drawn.count("evidence_qa") == 20 and drawn.count("arithmetic") == 10
+    assert all(len({e.task for e in batches.next()}) == 1 for _ in range(10))
+    with pytest.raises(ValueError, match="turns"):
+        TaskBatches(examples, 8, seed=0, turns={"nope": 2})
+    assert TaskBatches(examples, 8, seed=0).sizes == dict.fromkeys(mean_len, 8)
 
 
 def test_evaluation_uses_the_cache_and_matches_uncached_generation():
@@ -185,7 +202,12 @@ def test_evaluation_uses_the_cache_and_matches_uncached_generation():
         temp = shape_gates(model, [ex]).temperature
         ref = generate(model, [prompt_ids(ex)], 4, eos_token_id=tok.EOS, head_temperature=temp)[0]
         assert tok.decode(ref) == pred
-    assert len(ev.latency_ms_per_token) == 2 and ev.kv_cache_hit_rate > 0
+    assert len(ev.latency_ms_per_token) == 2
+    # V2's query-dependent temperatures enter the routing key (no reuse across questions); a
+    # system without V2 reuses the passages' full blocks across the questions.
+    v1 = build(base, plan_systems(base, ("V1",), 0.1, 64)[0][1], 0)
+    assert examples[0].group == examples[1].group
+    assert evaluate(v1, examples, max_new_tokens=4, progress=False).kv_cache_hit_rate > 0
 
 
 def test_system_api_validates_results(finished):

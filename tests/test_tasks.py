@@ -42,11 +42,10 @@ def test_answers_are_correct_and_prompts_fit_one_to_four_chunks():
             assert _TRANSFORMS[op](word) == e.answer
         elif e.task == "evidence_qa":
             lines = e.prompt.split("\n")
-            question = lines[-2]
-            town = next(w.rstrip("?") for w in question.split() if w.rstrip("?")[:1].isupper()
-                        and w not in ("Q:", "Who", "Which", "When"))
-            passage = next(line for line in lines if line.startswith(town + ":"))
-            assert e.answer in passage, (question, passage)
+            key = lines[-2].removeprefix("Q: ").removesuffix("?")   # "<town> <attribute>"
+            facts = dict(line.split(": ", 1) for line in lines[:-2])
+            assert len(facts) == 6 and facts[key] == e.answer, (key, facts)
+            assert len({k.split()[0] for k in facts}) == 3           # 3 towns: 2 distract
 
 
 def test_evidence_questions_share_their_passages_as_a_prefix():

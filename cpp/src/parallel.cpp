@@ -36,6 +36,24 @@ int default_threads() {
 
 thread_local bool t_inside_region = false;
 
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// How long an idle worker polls for the next region before it sleeps, and how long the caller
+// polls for late workers before it yields: back-to-back kernel calls (a model's layers) then never
+// pay a futex wake-up, and an idle pool costs nothing.
+constexpr int kSpinIterations = 4000;  // ~20–50 µs of pause instructions
+
+// Regions are "late-join": the calling thread starts on the chunks at once, and a worker helps
+// only if it arrives while unclaimed chunks remain. When the caller has claimed the last chunk it
+// closes the region and waits only for workers that actually joined, never for one still waking
+// up. A small call therefore costs about what it costs serially even when the other cores are
+// busy (torch's OpenMP threads, other processes), while large calls use every thread.
 class Pool {
  public:
   explicit Pool(int threads) : threads_(threads), owner_pid_(getpid()) {
@@ -44,7 +62,7 @@ class Pool {
   ~Pool() {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
+      stop_.store(true);
     }
     cv_start_.notify_all();
     for (auto& w : workers_) w.join();
@@ -56,20 +74,23 @@ class Pool {
   bool try_run(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn) {
     std::unique_lock<std::mutex> region(region_mu_, std::try_to_lock);
     if (!region.owns_lock()) return false;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      fn_ = &fn;
-      n_ = n;
-      chunk_ = chunk;
-      next_.store(0, std::memory_order_relaxed);
-      error_ = nullptr;
-      pending_ = static_cast<int>(workers_.size());
-      ++generation_;
+    // Published to workers by the release in the state_ store below.
+    fn_ = &fn;
+    n_ = n;
+    chunk_ = chunk;
+    next_.store(0, std::memory_order_relaxed);
+    error_ = nullptr;
+    const uint64_t open = (++generation_ << 1) | 1u;
+    state_.store(open, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lock(mu_);  // pairs with the predicate check of a sleeper
+      cv_start_.notify_all();
     }
-    cv_start_.notify_all();
     run_chunks();
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_done_.wait(lock, [this] { return pending_ == 0; });
+    state_.store(open & ~uint64_t{1}, std::memory_order_seq_cst);  // close: no late joiners
+    for (int spins = 0; active_.load(std::memory_order_acquire) != 0; ++spins) {
+      if (spins < kSpinIterations) cpu_relax(); else std::this_thread::yield();
+    }
     fn_ = nullptr;
     if (error_) std::rethrow_exception(error_);
     return true;
@@ -92,20 +113,33 @@ class Pool {
     t_inside_region = false;
   }
 
+  bool joinable(uint64_t s, uint64_t seen) const { return (s & 1u) && s != seen; }
+
   void worker_loop() {
-    uint64_t seen = 0;
+    uint64_t seen = 0;  // the open state of the last region this worker looked at
     for (;;) {
-      {
+      uint64_t s = state_.load(std::memory_order_acquire);
+      for (int spins = 0; !joinable(s, seen) && spins < kSpinIterations; ++spins) {
+        if (stop_.load(std::memory_order_relaxed)) return;
+        cpu_relax();
+        s = state_.load(std::memory_order_acquire);
+      }
+      if (!joinable(s, seen)) {
         std::unique_lock<std::mutex> lock(mu_);
-        cv_start_.wait(lock, [&] { return stop_ || generation_ != seen; });
-        if (stop_) return;
-        seen = generation_;
+        sleepers_.fetch_add(1, std::memory_order_seq_cst);
+        cv_start_.wait(lock, [&] {
+          s = state_.load(std::memory_order_seq_cst);
+          return stop_.load() || joinable(s, seen);
+        });
+        sleepers_.fetch_sub(1, std::memory_order_relaxed);
+        if (stop_.load()) return;
       }
-      run_chunks();
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        if (--pending_ == 0) cv_done_.notify_one();
-      }
+      seen = s;
+      // Join only if the region is still open: either the caller sees this increment before
+      // it stops waiting, or this thread sees the region closed and leaves without touching it.
+      active_.fetch_add(1, std::memory_order_seq_cst);
+      if (state_.load(std::memory_order_seq_cst) == s) run_chunks();
+      active_.fetch_sub(1, std::memory_order_release);
     }
   }
 
@@ -114,10 +148,12 @@ class Pool {
   std::vector<std::thread> workers_;
   std::mutex region_mu_;
   std::mutex mu_;
-  std::condition_variable cv_start_, cv_done_;
-  bool stop_ = false;
+  std::condition_variable cv_start_;
+  std::atomic<bool> stop_{false};
   uint64_t generation_ = 0;
-  int pending_ = 0;
+  std::atomic<uint64_t> state_{0};  // (generation << 1) | open
+  std::atomic<int> active_{0};
+  std::atomic<int> sleepers_{0};
   const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
   int64_t n_ = 0, chunk_ = 1;
   std::atomic<int64_t> next_{0};

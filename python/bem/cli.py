@@ -26,7 +26,8 @@ def info_lines() -> list[str]:
         lines.append(f"CUDA kernels: built for architectures {build['cuda_architectures']}")
     else:
         lines.append("CUDA kernels: not built (no CUDA compiler at build time, or BEM_CUDA=OFF)")
-    lines.append(f"CPU: {platform.machine()}, SIMD {C.cpu_simd_level()}, "
+    lines.append(f"CPU: {platform.machine()}, SIMD {C.cpu_simd_level()} (kernels use "
+                 f"{C.kernel_simd_level()}), "
                  f"bem threads {C.num_threads()} of {os.cpu_count()} CPUs")
     n_dev = C.cuda_device_count()
     if build["cuda"]:

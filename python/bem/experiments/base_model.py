@@ -78,7 +78,9 @@ def pretrain_base(model_cfg: TransformerConfig, pretrain: PretrainConfig, *, sui
     torch.manual_seed(pretrain.seed)
     model = BemForCausalLM(model_cfg).to(device)
     examples = generate("train", pretrain.n_per_task, seed=suite_seed)
-    losses = train_lm(model, examples, steps=pretrain.steps, batch_size=pretrain.batch_size,
+    losses = train_lm(model, examples, steps=pretrain.steps, batch_size=1,
+                      batch_tokens=pretrain.batch_tokens,
+                      turns={"evidence_qa": pretrain.evidence_qa_turns},
                       lr=pretrain.lr, seed=pretrain.seed, warmup=pretrain.warmup,
                       weight_decay=pretrain.weight_decay, prompt_weight=pretrain.prompt_weight,
                       desc="pre-train base", progress=progress)

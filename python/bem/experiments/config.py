@@ -21,14 +21,17 @@ BASELINE = "baseline"
 @dataclass(frozen=True)
 class PretrainConfig:
     """Pre-training of the built-in base on the suite mixture (the result is cached by a hash of
-    this and the model config). prompt_weight: loss weight of prompt tokens (answers weigh 1)."""
+    this and the model config). Each task's batches hold about `batch_tokens` tokens;
+    `evidence_qa_turns` batches of evidence QA per round of the other tasks' one (its retrieval is
+    the slowest skill to learn); prompt_weight: loss weight of prompt tokens (answers weigh 1)."""
 
-    steps: int = 1200
-    batch_size: int = 24
-    lr: float = 2e-3
-    warmup: int = 60
+    steps: int = 10_000
+    batch_tokens: int = 2048
+    lr: float = 3e-3
+    warmup: int = 100
     weight_decay: float = 0.01
-    prompt_weight: float = 0.25
+    prompt_weight: float = 0.1
+    evidence_qa_turns: int = 2
     n_per_task: int = 3000
     seed: int = 0
 
@@ -39,16 +42,16 @@ class RunConfig:
     every system's trainable adapter parameters to that fraction of the base model's (±5%)."""
 
     model: TransformerConfig = field(default_factory=lambda: TransformerConfig(
-        vocab_size=260, d_model=128, n_layers=4, n_heads=4, d_ff=336, max_positions=320))
+        vocab_size=260, d_model=64, n_layers=2, n_heads=4, d_ff=168, max_positions=320))
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     variants: tuple[str, ...] = VARIANTS
     seed: int = 0
     suite_seed: int = 0
-    train_steps: int = 150
+    train_steps: int = 400
     train_batch_size: int = 16
     train_lr: float = 3e-3
-    train_n_per_task: int = 500
-    eval_n_per_task: int = 60
+    train_n_per_task: int = 1000
+    eval_n_per_task: int = 100
     max_new_tokens: int = 32
     budget_fraction: float = 0.03
     flops_seq_len: int = 256
@@ -70,7 +73,8 @@ class RunConfig:
                 ("RunConfig", self, ("train_steps", "train_batch_size", "train_n_per_task",
                                      "eval_n_per_task", "max_new_tokens", "flops_seq_len",
                                      "n_resamples")),
-                ("PretrainConfig", self.pretrain, ("steps", "batch_size", "n_per_task"))):
+                ("PretrainConfig", self.pretrain, ("steps", "batch_tokens", "n_per_task",
+                                                     "evidence_qa_turns"))):
             for name in names:
                 v = getattr(obj, name)
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -129,11 +133,8 @@ class RunConfig:
         if name == "default":
             return dataclasses.replace(cls(), **overrides)
         if name == "quick":
-            quick = cls(model=TransformerConfig(vocab_size=260, d_model=64, n_layers=2, n_heads=4,
-                                                d_ff=168, max_positions=320),
-                        pretrain=PretrainConfig(steps=300, batch_size=16, lr=3e-3, warmup=20,
-                                                n_per_task=800),
-                        train_steps=40, train_batch_size=16, train_n_per_task=200,
+            quick = cls(pretrain=PretrainConfig(steps=2000, warmup=50, evidence_qa_turns=1),
+                        train_steps=120, train_batch_size=16, train_n_per_task=300,
                         eval_n_per_task=16, max_new_tokens=24, budget_fraction=0.05,
                         n_resamples=2000)
             return dataclasses.replace(quick, **overrides)

@@ -91,7 +91,7 @@ def _base_section(state: dict, base_eval: dict) -> list[str]:
              f"bem's built-in transformer (d_model {cfg['d_model']}, {cfg['n_layers']} layers, "
              f"{cfg['n_heads']} heads, d_ff {cfg['d_ff']}, byte vocabulary), pre-trained by bem on "
              f"the suite's train split: {m['pretrain']['steps']} steps of "
-             f"{m['pretrain']['batch_size']} examples, loss {m['loss_first']:.3f} → "
+             f"about {m['pretrain']['batch_tokens']} tokens, loss {m['loss_first']:.3f} → "
              f"{m['loss_last']:.3f}, {m['train_seconds']:.0f} s "
              f"({'loaded from the cache' if m['cached'] else 'trained in this run'}; cache key "
              f"`{m['key']}`).", "",

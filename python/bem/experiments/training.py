@@ -40,7 +40,8 @@ def evidence(ex: Example) -> tuple[str, list[str], int]:
     lines = ex.prompt.split("\n")
     passages = [ln for ln in lines if not ln.startswith(("Q:", "A:"))]
     query = next(ln for ln in lines if ln.startswith("Q:"))
-    gold = [i for i, p in enumerate(passages) if p.split(":", 1)[0] in query]
+    key = query.removeprefix("Q:").strip().removesuffix("?")
+    gold = [i for i, p in enumerate(passages) if p.split(":", 1)[0] == key]
     return query, passages, gold[0] if len(gold) == 1 else -1
 
 
@@ -59,24 +60,39 @@ def shape_gates(model: nn.Module, examples: Sequence[Example]) -> GateShapingOut
 class TaskBatches:
     """Endless task-balanced batches: tasks take turns (in a seeded order, reshuffled every
     round), and each batch holds examples of one task, so short tasks are not padded to the
-    length of evidence QA prompts."""
+    length of evidence QA prompts.
 
-    def __init__(self, examples: Sequence[Example], batch_size: int, seed: int):
+    batch_tokens: when given, each task's batch size is chosen so that its batches hold about
+    that many tokens (at least one example), so a step costs about the same for every task and
+    short tasks see proportionally more examples; otherwise every batch has `batch_size`.
+    turns: batches per round of each task (default 1 each), e.g. {"evidence_qa": 2}."""
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, seed: int,
+                 batch_tokens: int | None = None, turns: dict[str, int] | None = None):
         if not examples:
             raise ValueError("examples: expected at least one training example")
         self.by_task: dict[str, list[Example]] = {}
         for ex in examples:
             self.by_task.setdefault(ex.task, []).append(ex)
-        self.batch_size = batch_size
+        self.sizes = {task: batch_size for task in self.by_task}
+        if batch_tokens is not None:
+            for task, pool in self.by_task.items():
+                mean = sum(len(training_ids(ex)[0]) for ex in pool[:256]) / min(len(pool), 256)
+                self.sizes[task] = max(1, round(batch_tokens / mean))
+        unknown = sorted(set(turns or {}) - set(self.by_task))
+        if unknown:
+            raise ValueError(f"turns: tasks {unknown} have no training examples")
+        self.turns = {task: (turns or {}).get(task, 1) for task in self.by_task}
         self.gen = torch.Generator().manual_seed(seed)
         self.order: list[str] = []
 
     def next(self) -> list[Example]:
         if not self.order:
-            tasks = sorted(self.by_task)
+            tasks = [t for t in sorted(self.by_task) for _ in range(self.turns[t])]
             self.order = [tasks[i] for i in torch.randperm(len(tasks), generator=self.gen)]
-        pool = self.by_task[self.order.pop()]
-        idx = torch.randint(len(pool), (self.batch_size,), generator=self.gen)
+        task = self.order.pop()
+        pool = self.by_task[task]
+        idx = torch.randint(len(pool), (self.sizes[task],), generator=self.gen)
         return [pool[i] for i in idx.tolist()]
 
 
@@ -107,13 +123,17 @@ def _lr_at(step: int, steps: int, warmup: int, lr: float) -> float:
 def train_lm(model: nn.Module, examples: Sequence[Example], *, steps: int, batch_size: int,
              lr: float, seed: int, warmup: int = 0, weight_decay: float = 0.0,
              prompt_weight: float = 0.0, desc: str = "train", progress: bool = True,
-             on_step: Callable[[int, float], None] | None = None) -> list[float]:
+             on_step: Callable[[int, float], None] | None = None,
+             batch_tokens: int | None = None, turns: dict[str, int] | None = None
+             ) -> list[float]:
     """Train the parameters of `model` that require grad with AdamW on task-balanced batches.
 
     The loss is the weighted next-token cross-entropy (see :func:`lm_batch`); with a V2 gate
     shaper, its temperatures drive the head gates of the forward, and the passage re-ranking
     cross-entropy (evidence QA) plus the margin-alignment loss are added with weight
     SHAPER_LOSS_WEIGHT. Returns the loss of every step. `on_step(step, loss)` runs after each.
+    `batch_tokens` sizes each task's batches by tokens instead of `batch_size`, and `turns` gives
+    a task more batches per round (TaskBatches).
     """
     from tqdm.auto import tqdm
 
@@ -122,7 +142,7 @@ def train_lm(model: nn.Module, examples: Sequence[Example], *, steps: int, batch
         raise ValueError("model: no trainable parameters")
     device = params[0].device
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
-    batches = TaskBatches(examples, batch_size, seed)
+    batches = TaskBatches(examples, batch_size, seed, batch_tokens, turns)
     controller = getattr(model, "bem_controller", None)
     losses: list[float] = []
     model.train()

@@ -107,6 +107,8 @@ def check_same_device(op: str, name: str, t: torch.Tensor, ref: torch.Tensor) ->
 
 
 def check_scalar(op: str, name: str, v: object) -> float:
+    if type(v) is float and v - v == 0.0:  # the common case, finite (inf - inf and NaN are NaN)
+        return v
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"{op}: {name}: expected a float, got {type_name(v)}")
     v = float(v)

@@ -1,4 +1,4 @@
-"""The embedded default task suite, generated in code: evidence QA over passages with distractors
+"""The embedded default task suite, generated in code: evidence QA over fact lines with distractors
 (several questions per passage set, as in retrieval-augmented use), multi-digit arithmetic, string
 transforms, and format-constrained answers. Deterministic per (version, seed, split); splits are
 disjoint by construction (an example's split is a hash of its prompt, or of its passage set)."""
@@ -10,7 +10,7 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
-SUITE_VERSION = 1
+SUITE_VERSION = 2
 TASKS = ("evidence_qa", "arithmetic", "string_transform", "format")
 SPLITS = ("train", "validation", "test")
 
@@ -45,9 +45,12 @@ def _name(rng: random.Random, syllables: int) -> str:
 
 
 def _evidence_qa(rng: random.Random) -> list[Example]:
-    """3 passages about distinct towns with the same attributes (2 are distractors for each
-    question) and 2–3 questions over them; the passages come first so the questions share them as
-    a prefix."""
+    """Facts about 3 distinct towns, one "<town> <attribute>: <value>" line each (the lines about
+    the other towns and attributes are the distractors of a question), then 2–3 questions
+    "Q: <town> <attribute>?" over them; the passage lines come first, so the questions share them
+    as a prefix (one passage set, several queries: the retrieval-augmented pattern). Since v2 the
+    question names its key as the passage does (v1's free-form "Who is the mayor of …?" over
+    comma-separated records was not learnable by the tiny base within its budget)."""
     towns: list[str] = []
     while len(towns) < 3:
         t = _name(rng, 2)
@@ -55,20 +58,23 @@ def _evidence_qa(rng: random.Random) -> list[Example]:
             towns.append(t)
     facts = {t: {"mayor": _name(rng, 2), "river": _name(rng, 2),
                  "founded": str(rng.randint(1100, 1999))} for t in towns}
-    passages = "\n".join(f"{t}: mayor {f['mayor']}, river {f['river']}, founded {f['founded']}."
-                         for t, f in facts.items())
+    attributes = rng.sample(_ATTRIBUTES, 2)
+    lines = [f"{t} {a}: {facts[t][a]}" for t in towns for a in attributes]
+    passages = "\n".join(lines)
     group = "qa-" + hashlib.sha256(passages.encode()).hexdigest()[:16]
-    questions = {"mayor": "Who is the mayor of {}?", "river": "Which river is at {}?",
-                 "founded": "When was {} founded?"}
-    asked = rng.sample([(t, a) for t in towns for a in _ATTRIBUTES], rng.randint(2, 3))
-    return [Example("evidence_qa", f"{passages}\nQ: {questions[a].format(t)}\nA:", facts[t][a],
+    asked = rng.sample([(t, a) for t in towns for a in attributes], rng.randint(2, 3))
+    return [Example("evidence_qa", f"{passages}\nQ: {t} {a}?\nA:", facts[t][a],
                     "number" if a == "founded" else "word", group) for t, a in asked]
 
 
 def _arithmetic_problem(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(0, 10 ** rng.randint(1, 3) - 1), rng.randint(0, 10 ** rng.randint(1, 3) - 1)
+    """Two-digit addition or subtraction (the larger operand first, so results are >= 0): what a
+    byte-level model of a few hundred thousand parameters learns in minutes (v1's up-to-3-digit
+    operands with negative results were not learnable at that size and budget)."""
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
     if rng.random() < 0.5:
         return f"{a}+{b}", str(a + b)
+    a, b = max(a, b), min(a, b)
     return f"{a}-{b}", str(a - b)
 
 
