@@ -10,17 +10,9 @@
 #include <thread>
 #include <vector>
 
+#include "test_util.h"
+
 namespace {
-
-int g_failures = 0;
-
-#define CHECK(cond)                                                                  \
-  do {                                                                               \
-    if (!(cond)) {                                                                   \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++g_failures;                                                                  \
-    }                                                                                \
-  } while (0)
 
 // Visits [0, n) with parallel_for and checks each index was seen exactly once.
 bool covers_once(int64_t n, int64_t grain) {
@@ -36,10 +28,12 @@ bool covers_once(int64_t n, int64_t grain) {
 
 void test_coverage(int threads) {
   bem::set_num_threads(threads);
-  CHECK(bem::num_threads() == threads);
+  CHECK(bem::num_threads() == threads, "threads %d", threads);
   for (int64_t n : {1, 2, 3, 7, 64, 1000, 4099})
-    for (int64_t grain : {1, 3, 64, 5000}) CHECK(covers_once(n, grain));
-  bem::parallel_for(0, 1, [&](int64_t, int64_t) { CHECK(false); });  // n = 0: fn never runs
+    for (int64_t grain : {1, 3, 64, 5000})
+      CHECK(covers_once(n, grain), "n %lld grain %lld threads %d", static_cast<long long>(n),
+            static_cast<long long>(grain), threads);
+  bem::parallel_for(0, 1, [&](int64_t, int64_t) { CHECK(false, "%s", "n = 0 ran fn"); });
 }
 
 void test_many_tiny_regions() {
@@ -52,7 +46,7 @@ void test_many_tiny_regions() {
     });
     total += sum.load();
   }
-  CHECK(total == 20000 * 36);
+  CHECK(total == 20000 * 36, "total %lld", static_cast<long long>(total));
 }
 
 void test_concurrent_callers() {
@@ -66,7 +60,7 @@ void test_concurrent_callers() {
     });
   }
   for (auto& t : callers) t.join();
-  CHECK(bad.load() == 0);
+  CHECK(bad.load() == 0, "%d incomplete regions", bad.load());
 }
 
 void test_nested_and_exceptions() {
@@ -75,7 +69,7 @@ void test_nested_and_exceptions() {
     for (int64_t i = b; i < e; ++i)
       bem::parallel_for(10, 1, [&](int64_t b2, int64_t e2) { inner.fetch_add(e2 - b2); });
   });
-  CHECK(inner.load() == 160);
+  CHECK(inner.load() == 160, "inner %lld", static_cast<long long>(inner.load()));
 
   bool thrown = false;
   try {
@@ -85,8 +79,8 @@ void test_nested_and_exceptions() {
   } catch (const std::runtime_error&) {
     thrown = true;
   }
-  CHECK(thrown);
-  CHECK(covers_once(1000, 1));  // still usable
+  CHECK(thrown, "%s", "exception not rethrown");
+  CHECK(covers_once(1000, 1), "%s", "pool unusable after an exception");
 }
 
 }  // namespace
@@ -99,10 +93,5 @@ int main() {
   test_nested_and_exceptions();
   bem::set_num_threads(2);
   test_many_tiny_regions();
-  if (g_failures) {
-    std::fprintf(stderr, "%d check(s) failed\n", g_failures);
-    return 1;
-  }
-  std::printf("test_parallel: all checks passed\n");
-  return 0;
+  return bem_test::finish("test_parallel");
 }
