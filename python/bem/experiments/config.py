@@ -42,7 +42,8 @@ class RunConfig:
     every system's trainable adapter parameters to that fraction of the base model's (±5%)."""
 
     model: TransformerConfig = field(default_factory=lambda: TransformerConfig(
-        vocab_size=260, d_model=64, n_layers=2, n_heads=4, d_ff=168, max_positions=320))
+        vocab_size=260, d_model=64, n_layers=2, n_heads=4, d_ff=168, max_positions=320,
+        positions="learned"))
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     variants: tuple[str, ...] = VARIANTS
     seed: int = 0
@@ -133,7 +134,7 @@ class RunConfig:
         if name == "default":
             return dataclasses.replace(cls(), **overrides)
         if name == "quick":
-            quick = cls(pretrain=PretrainConfig(steps=2000, warmup=50, evidence_qa_turns=1),
+            quick = cls(pretrain=PretrainConfig(steps=3000, warmup=50, evidence_qa_turns=1),
                         train_steps=120, train_batch_size=16, train_n_per_task=300,
                         eval_n_per_task=16, max_new_tokens=24, budget_fraction=0.05,
                         n_resamples=2000)
