@@ -79,10 +79,11 @@ class TaskBatches:
             for task, pool in self.by_task.items():
                 mean = sum(len(training_ids(ex)[0]) for ex in pool[:256]) / min(len(pool), 256)
                 self.sizes[task] = max(1, round(batch_tokens / mean))
-        unknown = sorted(set(turns or {}) - set(self.by_task))
+        turns = turns or {}
+        unknown = sorted(set(turns) - set(self.by_task))
         if unknown:
             raise ValueError(f"turns: tasks {unknown} have no training examples")
-        self.turns = {task: (turns or {}).get(task, 1) for task in self.by_task}
+        self.turns = {task: turns.get(task, 1) for task in self.by_task}
         self.gen = torch.Generator().manual_seed(seed)
         self.order: list[str] = []
 
