@@ -71,6 +71,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("num_threads", &bem::num_threads, "Threads bem's CPU kernels use.");
   m.def("set_num_threads", &bem::set_num_threads, py::arg("n"),
         "Set the threads bem's CPU kernels use (n >= 1).");
+  m.def("threading_backend", &bem::threading_backend,
+        "Where bem's CPU kernels run their threads: 'openmp (<library>)' (the process's OpenMP "
+        "runtime, e.g. torch's), 'pool' (bem's own) or 'serial'.");
   m.def("cuda_device_count", [] {
 #ifdef BEM_WITH_CUDA
     return bem::cuda::device_count();

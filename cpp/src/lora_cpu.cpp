@@ -62,7 +62,7 @@ struct LoraArgs {
 struct LoraKernels {
   int width;  // SIMD lanes, for the expand cost model
   void (*shrink)(const LoraArgs&, const Run&, int64_t t0, int64_t t1, int64_t j0, int64_t j1);
-  bool (*expand)(const LoraArgs&, const Run&, int64_t o0, int64_t o1);
+  bool (*expand)(const LoraArgs&, const Run&, int64_t t0, int64_t t1, int64_t o0, int64_t o1);
   void (*grad_u)(const LoraArgs&, const Run&, int64_t t0, int64_t t1);
   void (*grad_x)(const LoraArgs&, const Run&, int64_t t0, int64_t t1);
   void (*grad_A)(const LoraArgs&, int64_t e, int64_t c0, int64_t c1);
@@ -104,6 +104,8 @@ constexpr int64_t kParallelMacs = int64_t{1} << 19;
 // Segments from which the shrink transposes rows of A for the GEMM form (measured break-even
 // against the dot-product tiles on Zen 4: ~64 tokens).
 constexpr int64_t kShrinkGemmMinTokens = 64;
+// Tokens per expand work item when a call is split over threads.
+constexpr int64_t kExpandBlock = 128;
 // Scratch above this many floats is released after the call instead of kept for the next one.
 constexpr size_t kKeepScratchFloats = size_t{1} << 22;
 
@@ -209,22 +211,31 @@ struct Item {
 };
 
 // Token blocks of every routed run, each split into `parts` ranges of [0, extent) (multiples of
-// `align`), so that there are enough items for the pool even at one token.
+// `align`), so that there are enough items for the pool even at one token. With `gemm_block` > 0,
+// runs whose shrink takes the GEMM form are cut into about 2·threads blocks of at least that many
+// tokens instead: each item transposes the run's rank rows of A once, which a 16-token block
+// would not pay back.
 void token_items(const std::vector<Run>& runs, int64_t block, int64_t extent, int64_t align,
-                 int threads, std::vector<Item>& items) {
+                 int threads, std::vector<Item>& items, int64_t gemm_block = 0) {
   items.clear();
+  const int64_t want = 2 * static_cast<int64_t>(threads);
+  auto block_of = [&](const Run& r) {
+    if (gemm_block <= 0 || !r.shrink_gemm) return block;
+    const int64_t n = r.t1 - r.t0;
+    return std::max(gemm_block, round_up((n + want - 1) / want, block));
+  };
   int64_t blocks = 0;
   for (const Run& r : runs)
-    if (r.e >= 0) blocks += (r.t1 - r.t0 + block - 1) / block;
-  const int64_t want = 2 * static_cast<int64_t>(threads);
+    if (r.e >= 0) blocks += (r.t1 - r.t0 + block_of(r) - 1) / block_of(r);
   int64_t parts = blocks >= want ? 1 : (want + blocks - 1) / std::max<int64_t>(blocks, 1);
   const int64_t step = std::max(align, round_up((extent + parts - 1) / parts, align));
   for (size_t q = 0; q < runs.size(); ++q) {
     const Run& r = runs[q];
     if (r.e < 0) continue;
-    for (int64_t t = r.t0; t < r.t1; t += block) {
+    const int64_t rb = block_of(r);
+    for (int64_t t = r.t0; t < r.t1; t += rb) {
       for (int64_t c = 0; c < extent; c += step) {
-        items.push_back(Item{static_cast<int64_t>(q), t, std::min(r.t1, t + block), c, std::min(extent, c + step)});
+        items.push_back(Item{static_cast<int64_t>(q), t, std::min(r.t1, t + rb), c, std::min(extent, c + step)});
       }
     }
   }
@@ -319,35 +330,43 @@ bool lora_forward_cpu(const LoraForwardParams& p) {
     for (const Run& run : runs)
       if (run.e >= 0) kern.shrink(a, run, run.t0, run.t1, 0, a.k);
     for (const Run& run : runs)
-      if (run.e >= 0) finite &= kern.expand(a, run, 0, a.d_out);
+      if (run.e >= 0) finite &= kern.expand(a, run, run.t0, run.t1, 0, a.d_out);
   } else {
     std::vector<Item> items;
-    // Shrink: 16-token blocks, the k slots split when there are few tokens (decode on big layers).
-    token_items(runs, 16, a.k, 8, threads, items);
+    // Shrink: 16-token blocks (GEMM-form runs: larger ones), the k slots split when there are few
+    // tokens (decode on big layers).
+    token_items(runs, 16, a.k, 8, threads, items, kShrinkGemmMinTokens);
     parallel_for(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const Item& it = items[i];
         kern.shrink(a, runs[it.run], it.t0, it.t1, it.c0, it.c1);
       }
     });
-    // Expand: whole runs (the packing decision is per run), split over output columns (multiples
-    // of 64 so the lane layout of every output block is the same for any split).
+    // Expand: blocks of up to kExpandBlock tokens of each run (the packing decision is per run,
+    // and every output element sums its k terms in the same order in any block), split over
+    // output columns (multiples of 64 so the lane layout of every output block is the same for
+    // any split) until there are about 8 items per thread: the pool's workers join late, and
+    // coarse items would leave the caller finishing alone.
     items.clear();
-    int64_t n_routed_runs = 0;
-    for (const Run& r : runs) n_routed_runs += r.e >= 0;
-    const int64_t want = 4 * static_cast<int64_t>(threads);
-    const int64_t parts = n_routed_runs >= want ? 1 : (want + n_routed_runs - 1) / std::max<int64_t>(n_routed_runs, 1);
+    int64_t blocks = 0;
+    for (const Run& r : runs)
+      if (r.e >= 0) blocks += (r.t1 - r.t0 + kExpandBlock - 1) / kExpandBlock;
+    const int64_t want = 8 * static_cast<int64_t>(threads);
+    const int64_t parts = blocks >= want ? 1 : (want + blocks - 1) / std::max<int64_t>(blocks, 1);
     const int64_t step = std::max<int64_t>(128, round_up((a.d_out + parts - 1) / parts, 64));
     for (size_t q = 0; q < runs.size(); ++q) {
-      if (runs[q].e < 0) continue;
-      for (int64_t c = 0; c < a.d_out; c += step) {
-        items.push_back(Item{static_cast<int64_t>(q), runs[q].t0, runs[q].t1, c, std::min(a.d_out, c + step)});
+      const Run& r = runs[q];
+      if (r.e < 0) continue;
+      for (int64_t t = r.t0; t < r.t1; t += kExpandBlock) {
+        for (int64_t c = 0; c < a.d_out; c += step) {
+          items.push_back(Item{static_cast<int64_t>(q), t, std::min(r.t1, t + kExpandBlock), c, std::min(a.d_out, c + step)});
+        }
       }
     }
     std::atomic<bool> all_finite{true};
     parallel_for(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
       bool ok = true;
-      for (int64_t i = b; i < e; ++i) ok &= kern.expand(a, runs[items[i].run], items[i].c0, items[i].c1);
+      for (int64_t i = b; i < e; ++i) ok &= kern.expand(a, runs[items[i].run], items[i].t0, items[i].t1, items[i].c0, items[i].c1);
       if (!ok) all_finite.store(false, std::memory_order_relaxed);
     });
     finite = all_finite.load();

@@ -233,17 +233,17 @@ F rowdot_dispatch(const T* block, int64_t r, int nrow, int64_t rv, int rtail, co
 // Short runs: each block of W output rows of B (W·r contiguous values) is multiplied by the
 // token's zero-padded coefficient vector and reduced across lanes; no packing.
 template <class T>
-bool expand_rowdot(const LoraArgs& a, const Run& run, int64_t o0, int64_t o1) {
-  const int64_t n = run.t1 - run.t0, k = a.k, r = a.r;
+bool expand_rowdot(const LoraArgs& a, const Run& run, int64_t t0, int64_t t1, int64_t o0, int64_t o1) {
+  const int64_t n = t1 - t0, k = a.k, r = a.r;
   const int64_t rv = (r + W - 1) / W, rpad = rv * W;
   const int rtail = static_cast<int>(r - (rv - 1) * W);
   thread_local std::vector<float> coef_buf, cfull_buf, cdup_buf;
   float* coef = tls_buffer(coef_buf, n * k);
   float* cfull = tls_buffer(cfull_buf, n * rpad);
-  fill_coef(a, run.t0, n, coef);
+  fill_coef(a, t0, n, coef);
   std::fill(cfull, cfull + n * rpad, 0.0f);
   for (int64_t t = 0; t < n; ++t) {
-    const int64_t* ranks = a.idx + (run.t0 + t) * a.idx_stride;
+    const int64_t* ranks = a.idx + (t0 + t) * a.idx_stride;
     for (int64_t j = 0; j < k; ++j) cfull[t * rpad + ranks[j]] = coef[t * k + j];
   }
   const T* Be = static_cast<const T*>(a.B) + run.e * a.d_out * r;
@@ -272,13 +272,13 @@ bool expand_rowdot(const LoraArgs& a, const Run& run, int64_t o0, int64_t o1) {
           for (int q = 0; q < 8; ++q) v[q] = V::mul(V::load(block + q * W), c);
           out = V::reduce_rows8(v);
         }
-        store_out(y + (run.t0 + t) * a.ld_y + ob, out, W, a.accumulate, chk);
+        store_out(y + (t0 + t) * a.ld_y + ob, out, W, a.accumulate, chk);
       }
       continue;
     }
     for (int64_t t = 0; t < n; ++t) {
       const F out = rowdot_dispatch(Be + ob * r, r, nrow, rv, rtail, cfull + t * rpad);
-      store_out(y + (run.t0 + t) * a.ld_y + ob, out, nrow, a.accumulate, chk);
+      store_out(y + (t0 + t) * a.ld_y + ob, out, nrow, a.accumulate, chk);
     }
   }
   return V::all_zero(chk);
@@ -314,20 +314,20 @@ void pack_transposed(const T* rows, int64_t r, int nrows, const int32_t* slot, f
 constexpr int64_t kPackCols = 256;
 
 template <class T>
-bool expand_packed(const LoraArgs& a, const Run& run, int64_t o0, int64_t o1) {
-  const int64_t n = run.t1 - run.t0, k = a.k, r = a.r;
+bool expand_packed(const LoraArgs& a, const Run& run, int64_t t0, int64_t t1, int64_t o0, int64_t o1) {
+  const int64_t n = t1 - t0, k = a.k, r = a.r;
   thread_local std::vector<float> coef_buf, pack_buf;
   thread_local std::vector<int32_t> slot_buf;
   thread_local std::vector<int64_t> used_buf;
   thread_local std::vector<const float*> rows_buf;
   thread_local std::vector<T*> outs_buf;
   float* coef = tls_buffer(coef_buf, n * k);
-  fill_coef(a, run.t0, n, coef);
+  fill_coef(a, t0, n, coef);
   int32_t* slot = tls_buffer(slot_buf, r);
   int64_t* used = tls_buffer(used_buf, r);
   std::fill(slot, slot + r, -1);
   int64_t n_used = 0;
-  for (int64_t t = run.t0; t < run.t1 && n_used < r; ++t) {
+  for (int64_t t = t0; t < t1 && n_used < r; ++t) {
     const int64_t* ranks = a.idx + t * a.idx_stride;
     for (int64_t j = 0; j < k; ++j) {
       if (slot[ranks[j]] < 0) {
@@ -341,7 +341,7 @@ bool expand_packed(const LoraArgs& a, const Run& run, int64_t o0, int64_t o1) {
   const int64_t n_rows = a.idx_stride == 0 ? k : n * k;
   const float** rows = tls_buffer(rows_buf, n_rows);
   for (int64_t i = 0; i < n_rows; ++i) {
-    rows[i] = packed + slot[a.idx[run.t0 * a.idx_stride + i]] * kPackCols;
+    rows[i] = packed + slot[a.idx[t0 * a.idx_stride + i]] * kPackCols;
   }
   T** outs = tls_buffer(outs_buf, n);
   const T* Be = static_cast<const T*>(a.B) + run.e * a.d_out * r;
@@ -352,15 +352,15 @@ bool expand_packed(const LoraArgs& a, const Run& run, int64_t o0, int64_t o1) {
     for (int64_t o = 0; o < nc; o += W) {
       pack_transposed(Be + (cb + o) * r, r, static_cast<int>(std::min<int64_t>(W, nc - o)), slot, packed + o, kPackCols);
     }
-    for (int64_t t = 0; t < n; ++t) outs[t] = y + (run.t0 + t) * a.ld_y + cb;
-    ok &= combine_segments<T, float>(a, run.t0, n, rows, 0, nc, coef, outs, a.accumulate);
+    for (int64_t t = 0; t < n; ++t) outs[t] = y + (t0 + t) * a.ld_y + cb;
+    ok &= combine_segments<T, float>(a, t0, n, rows, 0, nc, coef, outs, a.accumulate);
   }
   return ok;
 }
 
 template <class T>
-bool expand(const LoraArgs& a, const Run& run, int64_t o0, int64_t o1) {
-  return run.packed ? expand_packed<T>(a, run, o0, o1) : expand_rowdot<T>(a, run, o0, o1);
+bool expand(const LoraArgs& a, const Run& run, int64_t t0, int64_t t1, int64_t o0, int64_t o1) {
+  return run.packed ? expand_packed<T>(a, run, t0, t1, o0, o1) : expand_rowdot<T>(a, run, t0, t1, o0, o1);
 }
 
 // ---- backward pieces --------------------------------------------------------------------------------

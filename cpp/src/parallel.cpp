@@ -1,8 +1,19 @@
-// A small persistent thread pool behind bem::parallel_for. One parallel region runs at a time;
-// a second caller (another Python thread, or a nested call) runs its loop serially instead of
-// waiting, so concurrent use can never deadlock. Rebuilt after fork() (the child has no workers).
+// The threads behind bem::parallel_for: the OpenMP runtime the process has already loaded (torch's
+// libgomp) when there is one, else a small persistent pool of bem's own. One parallel region runs
+// at a time; a second caller (another Python thread, or a nested call) runs its loop serially
+// instead of waiting, so concurrent use can never deadlock. After fork() the child uses a fresh
+// pool of its own (the parent's workers, bem's or OpenMP's, do not exist there).
+//
+// Why share OpenMP's threads: after every parallel torch op, libgomp's workers busy-wait for the
+// next region (GOMP_SPINCOUNT, 300,000 spins by default: milliseconds). A second pool then
+// competes with them for the same cores: on the 2-core Zen 4 VM a T=1024, r=64 lora_delta made
+// between torch matmuls took 2.3–2.7 ms on bem's 2 pool threads, no better than on 1 thread, and
+// 1.37–1.52 ms as an OpenMP region, picked up at once by the very threads that were spinning. bem does not link OpenMP: it looks the
+// runtime up with dlopen(RTLD_NOLOAD), so a process without one (the C++ tests and benchmarks)
+// keeps bem's own pool. BEM_CPU_THREADING=pool forces the own pool.
 #include "bem/parallel.h"
 
+#include <dlfcn.h>
 #include <sched.h>
 #include <unistd.h>
 
@@ -12,6 +23,7 @@
 #include <cstdlib>
 #include <exception>
 #include <memory>
+#include <cstring>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -56,7 +68,7 @@ constexpr int kSpinIterations = 4000;  // ~20–50 µs of pause instructions
 // busy (torch's OpenMP threads, other processes), while large calls use every thread.
 class Pool {
  public:
-  explicit Pool(int threads) : threads_(threads), owner_pid_(getpid()) {
+  explicit Pool(int threads) : threads_(threads) {
     for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { worker_loop(); });
   }
   ~Pool() {
@@ -68,7 +80,6 @@ class Pool {
     for (auto& w : workers_) w.join();
   }
   int threads() const { return threads_; }
-  pid_t owner_pid() const { return owner_pid_; }
 
   // Returns false (and runs nothing) when the pool is busy; the caller then runs serially.
   bool try_run(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn) {
@@ -144,7 +155,6 @@ class Pool {
   }
 
   const int threads_;
-  const pid_t owner_pid_;
   std::vector<std::thread> workers_;
   std::mutex region_mu_;
   std::mutex mu_;
@@ -160,44 +170,146 @@ class Pool {
   std::exception_ptr error_;
 };
 
-std::mutex g_pool_mu;
-Pool* g_pool = nullptr;  // leaked on purpose: joining threads at interpreter exit can hang
+// ---- the process's OpenMP runtime ----------------------------------------------------------------
+// GOMP_parallel(fn, data, num_threads, flags): the entry point GCC emits for `#pragma omp
+// parallel` since GCC 4.9; libgomp exports it, and LLVM's and Intel's runtimes export it for
+// compatibility. It runs fn(data) on a team of num_threads threads (the caller is thread 0) and
+// returns when all have finished.
+using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
 
-Pool& pool() {
-  std::lock_guard<std::mutex> lock(g_pool_mu);
-  if (g_pool == nullptr) {
-    g_pool = new Pool(default_threads());
-  } else if (g_pool->owner_pid() != getpid()) {
-    g_pool = new Pool(g_pool->threads());  // after fork(): the parent's workers do not exist here
+struct OmpRuntime {
+  GompParallel parallel = nullptr;
+  const char* library = nullptr;
+};
+
+OmpRuntime find_openmp() {
+  if (const char* env = std::getenv("BEM_CPU_THREADING")) {
+    if (std::strcmp(env, "pool") == 0) return {};
   }
-  return *g_pool;
+  // Already loaded only (RTLD_NOLOAD): bem never brings an OpenMP runtime into a process. The
+  // handle stays open so the library cannot be unloaded under us.
+  for (const char* name : {"libgomp.so.1", "libiomp5.so", "libomp.so", "libomp.so.5"}) {
+    if (void* h = dlopen(name, RTLD_LAZY | RTLD_NOLOAD)) {
+      if (void* fn = dlsym(h, "GOMP_parallel")) return OmpRuntime{reinterpret_cast<GompParallel>(fn), name};
+      dlclose(h);
+    }
+  }
+  return {};
+}
+
+struct OmpRegion {
+  const std::function<void(int64_t, int64_t)>* fn;
+  int64_t n, chunk;
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::exception_ptr error;
+};
+
+// The body every thread of the OpenMP team runs: chunks claimed dynamically, as in the own pool.
+// No exception may leave it (it is called from C).
+extern "C" void bem_omp_body(void* data) {
+  auto* r = static_cast<OmpRegion*>(data);
+  const bool outer = t_inside_region;
+  t_inside_region = true;
+  for (;;) {
+    const int64_t begin = r->next.fetch_add(r->chunk, std::memory_order_relaxed);
+    if (begin >= r->n) break;
+    try {
+      (*r->fn)(begin, std::min(r->n, begin + r->chunk));
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(r->mu);
+      if (!r->error) r->error = std::current_exception();
+      r->next.store(r->n, std::memory_order_relaxed);
+    }
+  }
+  t_inside_region = outer;
+}
+
+// ---- the backend in use ------------------------------------------------------------------------
+struct Backend {
+  int threads = 1;
+  pid_t pid = 0;            // the process this backend was set up in
+  OmpRuntime omp;           // used when omp.parallel is set
+  Pool* pool = nullptr;     // else this (workers only when threads > 1)
+};
+
+std::mutex g_backend_mu;
+std::mutex g_omp_region_mu;  // one OpenMP region of bem's at a time, as with the own pool
+Backend* g_backend = nullptr;  // leaked on purpose: joining threads at interpreter exit can hang
+
+// The process that loaded bem. A forked child never starts OpenMP teams: libgomp keeps the
+// parent's (non-existent) threads in its pool and a team started in the child can hang forever
+// (measured: torch's own matmul in such a child never returns).
+const pid_t g_load_pid = getpid();
+
+Backend* make_backend(int threads) {
+  auto* b = new Backend;
+  b->threads = threads;
+  b->pid = getpid();
+  if (threads > 1) {
+    if (b->pid == g_load_pid) b->omp = find_openmp();
+    if (b->omp.parallel == nullptr) b->pool = new Pool(threads);
+  }
+  return b;
+}
+
+Backend& backend() {
+  std::lock_guard<std::mutex> lock(g_backend_mu);
+  if (g_backend == nullptr) {
+    g_backend = make_backend(default_threads());
+  } else if (g_backend->pid != getpid()) {
+    g_backend = make_backend(g_backend->threads);  // after fork(): an own pool (see g_load_pid)
+  }
+  return *g_backend;
+}
+
+bool run_openmp(const Backend& b, int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn) {
+  std::unique_lock<std::mutex> region(g_omp_region_mu, std::try_to_lock);
+  if (!region.owns_lock()) return false;
+  OmpRegion r;
+  r.fn = &fn;
+  r.n = n;
+  r.chunk = chunk;
+  b.omp.parallel(&bem_omp_body, &r, static_cast<unsigned>(b.threads), 0);
+  if (r.error) std::rethrow_exception(r.error);
+  return true;
 }
 
 }  // namespace
 
-int num_threads() { return pool().threads(); }
+int num_threads() { return backend().threads; }
 
 void set_num_threads(int n) {
   if (n < 1) throw std::invalid_argument("num_threads: expected >= 1, got " + std::to_string(n));
-  std::lock_guard<std::mutex> lock(g_pool_mu);
-  Pool* old = g_pool;
-  g_pool = new Pool(n);
-  if (old != nullptr && old->owner_pid() == getpid()) delete old;
+  std::lock_guard<std::mutex> lock(g_backend_mu);
+  Backend* old = g_backend;
+  g_backend = make_backend(n);
+  if (old != nullptr && old->pid == getpid()) {
+    delete old->pool;
+    delete old;
+  }
+}
+
+std::string threading_backend() {
+  const Backend& b = backend();
+  if (b.omp.parallel != nullptr) return std::string("openmp (") + b.omp.library + ")";
+  return b.threads > 1 ? "pool" : "serial";
 }
 
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
   grain = std::max<int64_t>(1, grain);
-  Pool& p = pool();
+  const Backend& b = backend();
   const int64_t max_chunks = (n + grain - 1) / grain;
-  if (t_inside_region || p.threads() == 1 || max_chunks == 1) {
+  if (t_inside_region || b.threads == 1 || max_chunks == 1) {
     fn(0, n);
     return;
   }
   // A few chunks per thread balance uneven chunks without much scheduling overhead.
-  const int64_t chunks = std::min<int64_t>(max_chunks, static_cast<int64_t>(p.threads()) * 4);
+  const int64_t chunks = std::min<int64_t>(max_chunks, static_cast<int64_t>(b.threads) * 4);
   const int64_t chunk = (n + chunks - 1) / chunks;
-  if (!p.try_run(n, chunk, fn)) fn(0, n);
+  const bool ran = b.omp.parallel != nullptr ? run_openmp(b, n, chunk, fn) : b.pool->try_run(n, chunk, fn);
+  if (!ran) fn(0, n);
 }
 
 }  // namespace bem

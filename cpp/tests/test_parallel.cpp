@@ -1,12 +1,19 @@
-// Unit tests of bem::parallel_for (the late-join thread pool): every index is visited exactly
+// Unit tests of bem::parallel_for on both backends — bem's own late-join pool, then the process's
+// OpenMP runtime (libgomp, loaded here the way torch loads it): every index is visited exactly
 // once for any n, grain and thread count; many tiny back-to-back regions (the decode pattern) and
 // concurrent callers from several threads neither lose work nor deadlock; nested calls run
-// serially; the first exception is rethrown and the pool stays usable afterwards.
+// serially; the first exception is rethrown and the backend stays usable afterwards; a forked
+// child runs regions on a fresh pool of its own.
 #include "bem/parallel.h"
+
+#include <dlfcn.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cstdio>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -83,15 +90,47 @@ void test_nested_and_exceptions() {
   CHECK(covers_once(1000, 1), "%s", "pool unusable after an exception");
 }
 
-}  // namespace
+void test_fork_child() {
+  // The child of a process that has run regions (on either backend) gets a pool of its own.
+  const pid_t pid = fork();
+  if (pid == 0) {
+    alarm(20);  // a hang fails the test instead of blocking ctest
+    const bool ok = covers_once(4099, 1) && bem::threading_backend() == "pool";
+    _exit(ok ? 0 : 1);
+  }
+  int status = 0;
+  CHECK(pid > 0 && waitpid(pid, &status, 0) == pid, "%s", "fork/waitpid failed");
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d", status);
+}
 
-int main() {
-  for (int threads : {1, 2, 3, 8}) test_coverage(threads);
+void run_suite(const std::string& backend) {
+  for (int threads : {1, 2, 3, 8}) {
+    test_coverage(threads);
+    const std::string got = bem::threading_backend();
+    const std::string want = threads == 1 ? "serial" : backend;
+    CHECK(got.compare(0, want.size(), want) == 0, "threads %d: backend '%s', expected '%s'", threads,
+          got.c_str(), want.c_str());
+  }
   bem::set_num_threads(4);
   test_many_tiny_regions();
   test_concurrent_callers();
   test_nested_and_exceptions();
   bem::set_num_threads(2);
   test_many_tiny_regions();
+  test_fork_child();
+}
+
+}  // namespace
+
+int main() {
+  run_suite("pool");  // no OpenMP runtime in this process yet
+  // Load GNU OpenMP as torch does (RTLD_GLOBAL not needed: bem finds it by soname); a rebuild of
+  // the backend (set_num_threads) then picks it up.
+  if (dlopen("libgomp.so.1", RTLD_NOW) != nullptr) {
+    bem::set_num_threads(2);
+    run_suite("openmp");
+  } else {
+    std::printf("test_parallel: libgomp.so.1 not found, OpenMP backend not tested\n");
+  }
   return bem_test::finish("test_parallel");
 }

@@ -13,7 +13,7 @@ from bem.attach import AdapterSpec, BemConfig, attach, detach, merge
 
 __version__ = "0.1.0"
 __all__ = ["AdapterSpec", "BemConfig", "__version__", "attach", "detach", "get_num_threads",
-           "merge", "set_num_threads"]
+           "merge", "set_num_threads", "threading_backend"]
 
 logging.getLogger("bem").addHandler(logging.NullHandler())
 
@@ -21,6 +21,14 @@ logging.getLogger("bem").addHandler(logging.NullHandler())
 def get_num_threads() -> int:
     """Threads bem's CPU kernels use (the calling thread included)."""
     return _ext.C().num_threads()
+
+
+def threading_backend() -> str:
+    """Where bem's CPU kernels run their threads: ``"openmp (libgomp.so.1)"`` when the process has
+    an OpenMP runtime loaded (torch's: bem's work then goes to the threads torch's own ops use,
+    rather than to a second pool competing with them), ``"pool"`` (bem's own threads; also with
+    ``BEM_CPU_THREADING=pool`` and in a forked child) or ``"serial"`` (one thread)."""
+    return _ext.C().threading_backend()
 
 
 def set_num_threads(n: int) -> None:

@@ -28,7 +28,8 @@ def info_lines() -> list[str]:
         lines.append("CUDA kernels: not built (no CUDA compiler at build time, or BEM_CUDA=OFF)")
     lines.append(f"CPU: {platform.machine()}, SIMD {C.cpu_simd_level()} (kernels use "
                  f"{C.kernel_simd_level()}), "
-                 f"bem threads {C.num_threads()} of {os.cpu_count()} CPUs")
+                 f"bem threads {C.num_threads()} of {os.cpu_count()} CPUs "
+                 f"(threading: {C.threading_backend()})")
     n_dev = C.cuda_device_count()
     if build["cuda"]:
         if n_dev == 0:

@@ -1,8 +1,12 @@
-// The shared CPU thread pool every bem kernel parallelises on (no OpenMP: it must not fight
-// torch's own OpenMP runtime in the same process).
+// The CPU threads every bem kernel parallelises on: the OpenMP runtime already loaded in the
+// process (torch's libgomp), found at run time and never linked, so bem's work goes to the threads
+// that torch's ops leave spinning instead of to a second pool fighting them for the cores; else a
+// persistent pool of bem's own (the C++ tests and benchmarks, BEM_CPU_THREADING=pool, or a forked
+// child).
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <string>
 
 namespace bem {
 
@@ -11,6 +15,9 @@ namespace bem {
 int num_threads();
 // n >= 1; rebuilds the pool. Not to be called while a parallel_for is running.
 void set_num_threads(int n);
+
+// "openmp (<library>)", "pool" (bem's own workers) or "serial" (one thread).
+std::string threading_backend();
 
 // Calls fn(begin, end) on disjoint chunks covering [0, n), each of at least `grain` items except
 // possibly the last, on the pool and the calling thread; returns when all are done. The first
