@@ -74,15 +74,35 @@ bool lora_forward(int device, uintptr_t stream, uintptr_t nonfinite_flag, int64_
   p.rank_gate = cptr<float>(rank_gate);
   p.y = vptr(y); p.ld_y = ld_y; p.accumulate = accumulate; p.shrink_out = mptr<float>(shrink_out);
   py::gil_scoped_release nogil;
-  if (device == kCpu) {
-    bem::validate_lora_indices(tokens, experts, rank, active, p.expert_index, p.rank_index);
-    return bem::lora_forward_cpu(p);
-  }
+  if (device == kCpu) return bem::lora_forward_cpu(p);  // validates the indices itself
 #ifdef BEM_WITH_CUDA
   bem::cuda::lora_forward(p, mptr<int>(nonfinite_flag), vptr(stream));
 #endif
   (void)stream; (void)nonfinite_flag;
   return true;
+}
+
+// The CPU inference fast path of bem.ops.lora_delta (contiguous x and y, no shrink output): fewer
+// arguments to convert, and the GIL kept for calls too small to be worth releasing it (a
+// decode-sized call takes about a microsecond; other Python threads wait no longer than that).
+constexpr int64_t kKeepGilMacs = int64_t{1} << 16;
+
+bool lora_forward_cpu(int64_t tokens, int64_t d_in, int64_t d_out, int64_t rank, int64_t active,
+                      int64_t experts, int dtype, float scale, uintptr_t x, uintptr_t A, uintptr_t B,
+                      uintptr_t expert_index, uintptr_t rank_index, uintptr_t rank_gate, uintptr_t y,
+                      bool accumulate) {
+  require(x && A && B && y, "x/A/B/y", "null data pointer");
+  bem::LoraForwardParams p;
+  p.tokens = tokens; p.d_in = d_in; p.d_out = d_out; p.rank = rank; p.active = active;
+  p.experts = experts; p.dtype = to_dtype(dtype); p.scale = scale;
+  p.x = vptr(x); p.ld_x = d_in; p.A = vptr(A); p.B = vptr(B);
+  p.expert_index = cptr<int64_t>(expert_index); p.rank_index = cptr<int64_t>(rank_index);
+  p.rank_gate = cptr<float>(rank_gate);
+  p.y = vptr(y); p.ld_y = d_out; p.accumulate = accumulate;
+  const double macs = static_cast<double>(tokens) * static_cast<double>(active) * static_cast<double>(d_in + d_out);
+  if (macs < static_cast<double>(kKeepGilMacs)) return bem::lora_forward_cpu(p);  // checks the sizes too
+  py::gil_scoped_release nogil;
+  return bem::lora_forward_cpu(p);
 }
 
 void lora_backward(int device, uintptr_t stream, int64_t tokens, int64_t d_in, int64_t d_out,
@@ -233,6 +253,9 @@ void bind_ops(py::module_& m) {
         "lora_forward(device, stream, nonfinite_flag, T, d_in, d_out, r, k, E, dtype, scale, x, "
         "ld_x, A, B, expert_index, rank_index, rank_gate, y, ld_y, accumulate, shrink_out) -> "
         "bool (all outputs finite; always True on CUDA, which reports through nonfinite_flag)");
+  m.def("lora_forward_cpu", &lora_forward_cpu,
+        "lora_forward_cpu(T, d_in, d_out, r, k, E, dtype, scale, x, A, B, expert_index, rank_index, "
+        "rank_gate, y, accumulate) -> bool: contiguous x and y on the CPU (the inference fast path)");
   m.def("lora_backward", &lora_backward,
         "lora_backward(device, stream, T, d_in, d_out, r, k, E, dtype, scale, x, A, B, "
         "expert_index, rank_index, rank_gate, shrink, grad_y, grad_x, grad_A, grad_B, grad_gate)");

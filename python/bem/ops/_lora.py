@@ -326,18 +326,16 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, *, scale: floa
                 or (rank_gate is not None and rank_gate.requires_grad))):
             # Inference fast path: straight to the CPU kernel, no dispatcher round trip (a
             # decode-sized call costs less than the dispatcher itself); accumulates into `out`.
-            scale = c.check_scalar(OP, "scale", scale)
+            if not (type(scale) is float and scale - scale == 0.0):
+                scale = c.check_scalar(OP, "scale", scale)
             T, d_in, d_out, r, k, E = sizes
             dt = x.dtype
             y = out if out is not None else torch.empty((T, d_out), dtype=dt)
-            finite = _CPU_KERNELS.lora_forward(
-                -1, 0, 0, T, d_in, d_out, r, k, E, _DTYPE_CODES[dt], scale,
-                x.data_ptr(), d_in, A.data_ptr(), B.data_ptr(),
-                0 if expert_index is None else expert_index.data_ptr(),
-                0 if rank_index is None else rank_index.data_ptr(),
-                0 if rank_gate is None else rank_gate.data_ptr(), y.data_ptr(), d_out,
-                out is not None, 0)
-            if not finite:
+            if not _CPU_KERNELS.lora_forward_cpu(
+                    T, d_in, d_out, r, k, E, _DTYPE_CODES[dt], scale, x.data_ptr(), A.data_ptr(),
+                    B.data_ptr(), 0 if expert_index is None else expert_index.data_ptr(),
+                    0 if rank_index is None else rank_index.data_ptr(),
+                    0 if rank_gate is None else rank_gate.data_ptr(), y.data_ptr(), out is not None):
                 c.raise_if_nonfinite_input(OP, x=x, A=A, B=B, rank_gate=rank_gate)
             return y
     x, A3, B3, ei, ri, gate, scale = _validate(x, A, B, scale, expert_index, rank_index,
