@@ -3,6 +3,10 @@
 // the decode base layer, a memcpy of FiLM's input) to compare against.
 //
 //   bem_bench [--filter SUBSTRING] [--repeats N] [--threads N] [--min] [--cpu-time]
+//             [--expand packed|rowdot] [--shrink gemm|dot]
+//
+// --expand / --shrink force one form of the LoRA kernels' expand / shrink (instead of the cost
+// model's choice per run), to refit that model on a new CPU.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -362,8 +366,13 @@ int main(int argc, char** argv) {
       o.minimum = true;
     } else if (a == "--cpu-time") {
       o.cpu_time = true;
+    } else if (a == "--expand" && i + 1 < argc && (std::strcmp(argv[i + 1], "packed") == 0 || std::strcmp(argv[i + 1], "rowdot") == 0)) {
+      bem::detail::g_lora_expand_override.store(std::strcmp(argv[++i], "packed") == 0 ? 1 : 0);
+    } else if (a == "--shrink" && i + 1 < argc && (std::strcmp(argv[i + 1], "gemm") == 0 || std::strcmp(argv[i + 1], "dot") == 0)) {
+      bem::detail::g_lora_shrink_override.store(std::strcmp(argv[++i], "gemm") == 0 ? 1 : 0);
     } else {
-      std::fprintf(stderr, "usage: bem_bench [--filter SUBSTRING] [--repeats N] [--threads N] [--min] [--cpu-time]\n");
+      std::fprintf(stderr, "usage: bem_bench [--filter SUBSTRING] [--repeats N] [--threads N] [--min] [--cpu-time] "
+                           "[--expand packed|rowdot] [--shrink gemm|dot]\n");
       return 2;
     }
   }

@@ -211,28 +211,36 @@ struct Item {
 };
 
 // Token blocks of every routed run, each split into `parts` ranges of [0, extent) (multiples of
-// `align`), so that there are enough items for the pool even at one token. With `gemm_block` > 0,
-// runs whose shrink takes the GEMM form are cut into about 2·threads blocks of at least that many
-// tokens instead: each item transposes the run's rank rows of A once, which a 16-token block
-// would not pay back.
+// `align`), so that there are about `want` items for the pool even at one token. When the slot
+// split alone cannot make that many (few active ranks), blocks shrink down to `min_block` tokens.
+// With `gemm_block` > 0, runs whose shrink takes the GEMM form are cut into about `want` blocks of
+// at least that many tokens instead: each item transposes the run's rank rows of A once, which a
+// 16-token block would not pay back.
 void token_items(const std::vector<Run>& runs, int64_t block, int64_t extent, int64_t align,
-                 int threads, std::vector<Item>& items, int64_t gemm_block = 0) {
+                 int64_t want, std::vector<Item>& items, int64_t gemm_block = 0, int64_t min_block = 0) {
   items.clear();
-  const int64_t want = 2 * static_cast<int64_t>(threads);
-  auto block_of = [&](const Run& r) {
-    if (gemm_block <= 0 || !r.shrink_gemm) return block;
+  min_block = min_block > 0 ? std::min(min_block, block) : block;
+  auto block_of = [&](const Run& r, int64_t tb) {
+    if (gemm_block <= 0 || !r.shrink_gemm) return tb;
     const int64_t n = r.t1 - r.t0;
     return std::max(gemm_block, round_up((n + want - 1) / want, block));
   };
-  int64_t blocks = 0;
-  for (const Run& r : runs)
-    if (r.e >= 0) blocks += (r.t1 - r.t0 + block_of(r) - 1) / block_of(r);
-  int64_t parts = blocks >= want ? 1 : (want + blocks - 1) / std::max<int64_t>(blocks, 1);
+  auto count_blocks = [&](int64_t tb) {
+    int64_t n = 0;
+    for (const Run& r : runs)
+      if (r.e >= 0) n += (r.t1 - r.t0 + block_of(r, tb) - 1) / block_of(r, tb);
+    return n;
+  };
+  const int64_t blocks = count_blocks(block);
+  const int64_t parts = blocks >= want ? 1 : (want + blocks - 1) / std::max<int64_t>(blocks, 1);
   const int64_t step = std::max(align, round_up((extent + parts - 1) / parts, align));
+  const int64_t slot_items = (extent + step - 1) / step;
+  int64_t tb = block;
+  while (tb > min_block && count_blocks(tb) * slot_items < want) tb = std::max(min_block, tb / 2);
   for (size_t q = 0; q < runs.size(); ++q) {
     const Run& r = runs[q];
     if (r.e < 0) continue;
-    const int64_t rb = block_of(r);
+    const int64_t rb = block_of(r, tb);
     for (int64_t t = r.t0; t < r.t1; t += rb) {
       for (int64_t c = 0; c < extent; c += step) {
         items.push_back(Item{static_cast<int64_t>(q), t, std::min(r.t1, t + rb), c, std::min(extent, c + step)});
@@ -335,7 +343,9 @@ bool lora_forward_cpu(const LoraForwardParams& p) {
     std::vector<Item> items;
     // Shrink: 16-token blocks (GEMM-form runs: larger ones), the k slots split when there are few
     // tokens (decode on big layers).
-    token_items(runs, 16, a.k, 8, threads, items, kShrinkGemmMinTokens);
+    // Slot ranges of 16 when k allows (each x tile copied for the dot-product tiles then serves
+    // four rank groups), token blocks down to 4 tokens (one tile) when more items are needed.
+    token_items(runs, 16, a.k, a.k >= 32 ? 16 : 8, 4 * static_cast<int64_t>(threads), items, kShrinkGemmMinTokens, 4);
     parallel_for(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const Item& it = items[i];
@@ -430,7 +440,7 @@ void lora_backward_cpu(const LoraBackwardParams& p) {
         if (run.e >= 0) fn(run, run.t0, run.t1);
       return;
     }
-    token_items(runs, block, 1, 1, 1, items);
+    token_items(runs, block, 1, 1, 2, items);
     parallel_for(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) fn(runs[items[i].run], items[i].t0, items[i].t1);
     });
