@@ -17,7 +17,7 @@ def test_info_prints_build_and_devices(capsys):
     out = capsys.readouterr().out
     assert "bem" in out and "torch sees CUDA" in out
     if _ext.available():
-        assert "kernels use" in out and "bem threads" in out
+        assert "kernels use" in out and "bem threads" in out and "threading: " in out
 
 
 @pytest.mark.skipif(not _ext.available(), reason="compiled core not built")

@@ -7,8 +7,8 @@
 // Why share OpenMP's threads: after every parallel torch op, libgomp's workers busy-wait for the
 // next region (GOMP_SPINCOUNT, 300,000 spins by default: milliseconds). A second pool then
 // competes with them for the same cores: on the 2-core Zen 4 VM a T=1024, r=64 lora_delta made
-// between torch matmuls took 2.3–2.7 ms on bem's 2 pool threads, no better than on 1 thread, and
-// 1.37–1.52 ms as an OpenMP region, picked up at once by the very threads that were spinning. bem does not link OpenMP: it looks the
+// between torch matmuls took 2.2–2.7 ms on bem's 2 pool threads, no better than on 1 thread, and
+// 1.37–1.54 ms as an OpenMP region, picked up at once by the very threads that were spinning. bem does not link OpenMP: it looks the
 // runtime up with dlopen(RTLD_NOLOAD), so a process without one (the C++ tests and benchmarks)
 // keeps bem's own pool. BEM_CPU_THREADING=pool forces the own pool.
 #include "bem/parallel.h"
