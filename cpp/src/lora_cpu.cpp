@@ -341,10 +341,10 @@ bool lora_forward_cpu(const LoraForwardParams& p) {
       if (run.e >= 0) finite &= kern.expand(a, run, run.t0, run.t1, 0, a.d_out);
   } else {
     std::vector<Item> items;
-    // Shrink: 16-token blocks (GEMM-form runs: larger ones), the k slots split when there are few
-    // tokens (decode on big layers).
-    // Slot ranges of 16 when k allows (each x tile copied for the dot-product tiles then serves
-    // four rank groups), token blocks down to 4 tokens (one tile) when more items are needed.
+    // Shrink: 16-token blocks (GEMM-form runs: blocks of >= 64 tokens), the k slots split when
+    // there are few tokens (decode on big layers): ranges of 16 slots when k allows (each x tile
+    // copied for the dot-product tiles then serves four rank groups), and token blocks down to
+    // one 4-token tile when the slots alone give too few items.
     token_items(runs, 16, a.k, a.k >= 32 ? 16 : 8, 4 * static_cast<int64_t>(threads), items, kShrinkGemmMinTokens, 4);
     parallel_for(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
