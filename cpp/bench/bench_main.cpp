@@ -3,10 +3,11 @@
 // the decode base layer, a memcpy of FiLM's input) to compare against.
 //
 //   bem_bench [--filter SUBSTRING] [--repeats N] [--threads N] [--min] [--cpu-time]
-//             [--expand packed|rowdot] [--shrink gemm|dot]
+//             [--expand packed|rowdot] [--shrink gemm|dot] [--split fused|phases]
 //
 // --expand / --shrink force one form of the LoRA kernels' expand / shrink (instead of the cost
-// model's choice per run), to refit that model on a new CPU.
+// model's choice per run), --split one split of a parallel LoRA forward (fused token blocks or
+// the two phases), to refit those choices on a new CPU.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -370,9 +371,11 @@ int main(int argc, char** argv) {
       bem::detail::g_lora_expand_override.store(std::strcmp(argv[++i], "packed") == 0 ? 1 : 0);
     } else if (a == "--shrink" && i + 1 < argc && (std::strcmp(argv[i + 1], "gemm") == 0 || std::strcmp(argv[i + 1], "dot") == 0)) {
       bem::detail::g_lora_shrink_override.store(std::strcmp(argv[++i], "gemm") == 0 ? 1 : 0);
+    } else if (a == "--split" && i + 1 < argc && (std::strcmp(argv[i + 1], "fused") == 0 || std::strcmp(argv[i + 1], "phases") == 0)) {
+      bem::detail::g_lora_split_override.store(std::strcmp(argv[++i], "fused") == 0 ? 1 : 0);
     } else {
       std::fprintf(stderr, "usage: bem_bench [--filter SUBSTRING] [--repeats N] [--threads N] [--min] [--cpu-time] "
-                           "[--expand packed|rowdot] [--shrink gemm|dot]\n");
+                           "[--expand packed|rowdot] [--shrink gemm|dot] [--split fused|phases]\n");
       return 2;
     }
   }

@@ -73,6 +73,9 @@ inline SimdLevel set_simd_level_cap(SimdLevel cap) {
 inline std::atomic<int> g_lora_expand_override{-1};
 // Likewise for the LoRA shrink: 0 forces the dot-product tiles, 1 the GEMM form.
 inline std::atomic<int> g_lora_shrink_override{-1};
+// Likewise for the split of a parallel LoRA forward: 0 forces the two-phase split (shrink items,
+// then expand items), 1 the fused token blocks (shrink and expand per block).
+inline std::atomic<int> g_lora_split_override{-1};
 
 // Test hook: work (multiply-adds) from which kernels use the thread pool; -1 keeps each kernel's
 // own threshold. Tests set 0 to run the threaded paths on small shapes.

@@ -249,6 +249,28 @@ void token_items(const std::vector<Run>& runs, int64_t block, int64_t extent, in
   }
 }
 
+// Token block of the fused parallel forward, or 0 for the two-phase split. Fused: each work item
+// is one token block of a run, shrink then expand, one block per thread (at most kFusedMaxBlock
+// tokens): one parallel region, no barrier between the phases, and each thread writes whole rows
+// of y. Measured on Zen 4 (2 threads on torch's OpenMP threads, interleaved with the two-phase
+// split, two runs): 1.02–1.9x faster in 12 of 14 shapes from T = 16 to 1024, even at T = 16,
+// d = 1024, r = 64, and 6% slower at T = 16, d = 4096, r = 64, a short call whose active weights
+// exceed L2 (every thread streams all of A and B, 2 MB, from L3). So blocks under 16 tokens fuse
+// only when those weights fit in 1 MB, and fewer than 4 tokens per thread (decode) never fuse.
+constexpr int64_t kFusedMaxBlock = 256;
+
+int64_t fused_block(const LoraArgs& a, const std::vector<Run>& runs, int threads, DType dtype) {
+  const int forced = detail::g_lora_split_override.load(std::memory_order_relaxed);
+  if (forced == 0) return 0;
+  const int64_t n = routed_tokens(runs);
+  const int64_t per_thread = (n + threads - 1) / threads;
+  if (forced == 1) return std::max<int64_t>(1, std::min(per_thread, kFusedMaxBlock));
+  if (per_thread < 4) return 0;
+  const int64_t fb = std::min(kFusedMaxBlock, round_up(per_thread, 4));
+  const int64_t weight_bytes = a.k * (a.d_in + a.d_out) * static_cast<int64_t>(element_size(dtype));
+  return fb >= 16 || weight_bytes <= (int64_t{1} << 20) ? fb : 0;
+}
+
 }  // namespace
 
 void validate_lora_indices(int64_t tokens, int64_t experts, int64_t rank, int64_t active,
@@ -339,6 +361,26 @@ bool lora_forward_cpu(const LoraForwardParams& p) {
       if (run.e >= 0) kern.shrink(a, run, run.t0, run.t1, 0, a.k);
     for (const Run& run : runs)
       if (run.e >= 0) finite &= kern.expand(a, run, run.t0, run.t1, 0, a.d_out);
+  } else if (const int64_t fb = fused_block(a, runs, threads, p.dtype); fb > 0) {
+    // Fused token blocks: each item runs the shrink and then the expand of its own tokens, so
+    // there is one parallel region and no barrier between the two phases.
+    std::vector<Item> items;
+    for (size_t q = 0; q < runs.size(); ++q) {
+      const Run& r = runs[q];
+      if (r.e < 0) continue;
+      for (int64_t t = r.t0; t < r.t1; t += fb) items.push_back(Item{static_cast<int64_t>(q), t, std::min(r.t1, t + fb), 0, 0});
+    }
+    std::atomic<bool> all_finite{true};
+    parallel_for(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
+      bool ok = true;
+      for (int64_t i = b; i < e; ++i) {
+        const Item& it = items[i];
+        kern.shrink(a, runs[it.run], it.t0, it.t1, 0, a.k);
+        ok &= kern.expand(a, runs[it.run], it.t0, it.t1, 0, a.d_out);
+      }
+      if (!ok) all_finite.store(false, std::memory_order_relaxed);
+    });
+    finite = all_finite.load();
   } else {
     std::vector<Item> items;
     // Shrink: 16-token blocks (GEMM-form runs: blocks of >= 64 tokens), the k slots split when

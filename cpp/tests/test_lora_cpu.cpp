@@ -442,7 +442,8 @@ void test_against_reference() {
   bem::detail::set_simd_level_cap(SimdLevel::Avx512);
 }
 
-// Results do not depend on the number of threads (bitwise), on the pool path and the serial one.
+// Results do not depend on the number of threads (bitwise), on the pool path and the serial one,
+// with either split of the parallel forward (two-phase or fused token blocks).
 void test_thread_count_independence() {
   Rng rng(77);
   const std::vector<Case> cases = {
@@ -451,6 +452,9 @@ void test_thread_count_independence() {
       {200, 259, 517, 16, 16, 3, false, false, false, true, 1.0f},
       {1, 1031, 2053, 64, 64, 2, false, false, true, true, 1.0f},
       {3, 1031, 2053, 64, 32, 2, true, false, true, true, 1.0f},
+      // k < W over long segments (dot-product shrink tiles), dense and chunk-shared ranks.
+      {260, 515, 1031, 8, 8, 1, false, false, false, false, 1.0f},
+      {300, 515, 1031, 24, 6, 4, true, true, true, true, 0.8f},
   };
   for (SimdLevel level : simd_levels()) {
     bem::detail::set_simd_level_cap(level);
@@ -458,7 +462,10 @@ void test_thread_count_independence() {
       const Problem p = make_problem(rng, c);
       for (DType dt : {DType::F32, DType::BF16}) {
         const Inputs in = make_inputs(p, dt);
-        for (int64_t threshold : {int64_t{0}, int64_t{-1}}) {
+        for (int variant = 0; variant < 6; ++variant) {  // split -1/0/1 × pool forced or not
+          const int split = variant / 2 - 1;
+          const int64_t threshold = variant % 2 == 0 ? 0 : -1;
+          bem::detail::g_lora_split_override.store(split);
           bem::detail::g_parallel_threshold_override.store(threshold);
           Buf y[2];
           Grads g[2];
@@ -473,7 +480,8 @@ void test_thread_count_independence() {
             g[n - 1] = run_backward(p, in, nullptr);
           }
           const std::string label = std::string(bem::detail::simd_level_name(level)) + " " + name(dt) + " " +
-                                    describe(c) + (threshold == 0 ? " (pool forced)" : "");
+                                    describe(c) + (threshold == 0 ? " (pool forced)" : "") +
+                                    " split=" + std::to_string(split);
           CHECK(y[0].same_bits(y[1]), "%s: forward differs between 1 and 2 threads", label.c_str());
           CHECK(S[0] == S[1], "%s: shrink_out differs between 1 and 2 threads", label.c_str());
           CHECK(g[0].gx.same_bits(g[1].gx), "%s: grad_x differs between 1 and 2 threads", label.c_str());
@@ -497,6 +505,7 @@ void test_thread_count_independence() {
     }
   }
   bem::detail::g_parallel_threshold_override.store(-1);
+  bem::detail::g_lora_split_override.store(-1);
   bem::set_num_threads(2);
   bem::detail::set_simd_level_cap(SimdLevel::Avx512);
 }
