@@ -14,6 +14,7 @@
 #include "bem/parallel.h"
 
 #include <dlfcn.h>
+#include <link.h>
 #include <sched.h>
 #include <unistd.h>
 
@@ -179,20 +180,52 @@ using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
 
 struct OmpRuntime {
   GompParallel parallel = nullptr;
-  const char* library = nullptr;
+  std::string library;
 };
+
+bool named_like_openmp(const char* path) {
+  const char* slash = std::strrchr(path, '/');
+  const char* base = slash ? slash + 1 : path;
+  for (const char* prefix : {"libgomp", "libiomp", "libomp"}) {
+    if (std::strncmp(base, prefix, std::strlen(prefix)) == 0) return true;
+  }
+  return false;
+}
+
+// GOMP_parallel of an already loaded library (RTLD_NOLOAD: bem never brings an OpenMP runtime
+// into a process); the handle stays open so the library cannot be unloaded under us.
+OmpRuntime open_loaded(const char* name) {
+  if (void* h = dlopen(name, RTLD_LAZY | RTLD_NOLOAD)) {
+    if (void* fn = dlsym(h, "GOMP_parallel")) {
+      const char* slash = std::strrchr(name, '/');
+      return OmpRuntime{reinterpret_cast<GompParallel>(fn), slash ? slash + 1 : name};
+    }
+    dlclose(h);
+  }
+  return {};
+}
 
 OmpRuntime find_openmp() {
   if (const char* env = std::getenv("BEM_CPU_THREADING")) {
     if (std::strcmp(env, "pool") == 0) return {};
   }
-  // Already loaded only (RTLD_NOLOAD): bem never brings an OpenMP runtime into a process. The
-  // handle stays open so the library cannot be unloaded under us.
   for (const char* name : {"libgomp.so.1", "libiomp5.so", "libomp.so", "libomp.so.5"}) {
-    if (void* h = dlopen(name, RTLD_LAZY | RTLD_NOLOAD)) {
-      if (void* fn = dlsym(h, "GOMP_parallel")) return OmpRuntime{reinterpret_cast<GompParallel>(fn), name};
-      dlclose(h);
-    }
+    OmpRuntime rt = open_loaded(name);
+    if (rt.parallel != nullptr) return rt;
+  }
+  // Else any loaded library named like one, by path (e.g. a wheel's libgomp-<hash>.so.1).
+  std::vector<std::string> paths;
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, size_t, void* data) {
+        if (info->dlpi_name != nullptr && named_like_openmp(info->dlpi_name)) {
+          static_cast<std::vector<std::string>*>(data)->push_back(info->dlpi_name);
+        }
+        return 0;
+      },
+      &paths);
+  for (const std::string& path : paths) {
+    OmpRuntime rt = open_loaded(path.c_str());
+    if (rt.parallel != nullptr) return rt;
   }
   return {};
 }
@@ -292,7 +325,7 @@ void set_num_threads(int n) {
 
 std::string threading_backend() {
   const Backend& b = backend();
-  if (b.omp.parallel != nullptr) return std::string("openmp (") + b.omp.library + ")";
+  if (b.omp.parallel != nullptr) return "openmp (" + b.omp.library + ")";
   return b.threads > 1 ? "pool" : "serial";
 }
 
