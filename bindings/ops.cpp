@@ -56,6 +56,22 @@ void check_lora_sizes(int64_t tokens, int64_t d_in, int64_t d_out, int64_t rank,
   require(experts >= 1, "A", "expected at least one expert");
 }
 
+// The forward's parameters from the binding's arguments (checks the pointers are not null).
+bem::LoraForwardParams lora_params(int64_t tokens, int64_t d_in, int64_t d_out, int64_t rank, int64_t active,
+                                   int64_t experts, int dtype, float scale, uintptr_t x, int64_t ld_x, uintptr_t A,
+                                   uintptr_t B, uintptr_t expert_index, uintptr_t rank_index, uintptr_t rank_gate,
+                                   uintptr_t y, int64_t ld_y, bool accumulate) {
+  require(x && A && B && y, "x/A/B/y", "null data pointer");
+  bem::LoraForwardParams p;
+  p.tokens = tokens; p.d_in = d_in; p.d_out = d_out; p.rank = rank; p.active = active;
+  p.experts = experts; p.dtype = to_dtype(dtype); p.scale = scale;
+  p.x = vptr(x); p.ld_x = ld_x; p.A = vptr(A); p.B = vptr(B);
+  p.expert_index = cptr<int64_t>(expert_index); p.rank_index = cptr<int64_t>(rank_index);
+  p.rank_gate = cptr<float>(rank_gate);
+  p.y = vptr(y); p.ld_y = ld_y; p.accumulate = accumulate;
+  return p;
+}
+
 bool lora_forward(int device, uintptr_t stream, uintptr_t nonfinite_flag, int64_t tokens,
                   int64_t d_in, int64_t d_out, int64_t rank, int64_t active, int64_t experts,
                   int dtype, float scale, uintptr_t x, int64_t ld_x, uintptr_t A, uintptr_t B,
@@ -63,16 +79,11 @@ bool lora_forward(int device, uintptr_t stream, uintptr_t nonfinite_flag, int64_
                   int64_t ld_y, bool accumulate, uintptr_t shrink_out) {
   require_device(device);
   check_lora_sizes(tokens, d_in, d_out, rank, active, experts);
-  require(x && A && B && y, "x/A/B/y", "null data pointer");
   require(ld_x >= d_in, "x", "row stride smaller than d_in");
   require(ld_y >= d_out, "y", "row stride smaller than d_out");
-  bem::LoraForwardParams p;
-  p.tokens = tokens; p.d_in = d_in; p.d_out = d_out; p.rank = rank; p.active = active;
-  p.experts = experts; p.dtype = to_dtype(dtype); p.scale = scale;
-  p.x = vptr(x); p.ld_x = ld_x; p.A = vptr(A); p.B = vptr(B);
-  p.expert_index = cptr<int64_t>(expert_index); p.rank_index = cptr<int64_t>(rank_index);
-  p.rank_gate = cptr<float>(rank_gate);
-  p.y = vptr(y); p.ld_y = ld_y; p.accumulate = accumulate; p.shrink_out = mptr<float>(shrink_out);
+  bem::LoraForwardParams p = lora_params(tokens, d_in, d_out, rank, active, experts, dtype, scale, x, ld_x, A, B,
+                                         expert_index, rank_index, rank_gate, y, ld_y, accumulate);
+  p.shrink_out = mptr<float>(shrink_out);
   py::gil_scoped_release nogil;
   if (device == kCpu) return bem::lora_forward_cpu(p);  // validates the indices itself
 #ifdef BEM_WITH_CUDA
@@ -91,14 +102,8 @@ bool lora_forward_cpu(int64_t tokens, int64_t d_in, int64_t d_out, int64_t rank,
                       int64_t experts, int dtype, float scale, uintptr_t x, uintptr_t A, uintptr_t B,
                       uintptr_t expert_index, uintptr_t rank_index, uintptr_t rank_gate, uintptr_t y,
                       bool accumulate) {
-  require(x && A && B && y, "x/A/B/y", "null data pointer");
-  bem::LoraForwardParams p;
-  p.tokens = tokens; p.d_in = d_in; p.d_out = d_out; p.rank = rank; p.active = active;
-  p.experts = experts; p.dtype = to_dtype(dtype); p.scale = scale;
-  p.x = vptr(x); p.ld_x = d_in; p.A = vptr(A); p.B = vptr(B);
-  p.expert_index = cptr<int64_t>(expert_index); p.rank_index = cptr<int64_t>(rank_index);
-  p.rank_gate = cptr<float>(rank_gate);
-  p.y = vptr(y); p.ld_y = d_out; p.accumulate = accumulate;
+  const bem::LoraForwardParams p = lora_params(tokens, d_in, d_out, rank, active, experts, dtype, scale, x, d_in, A,
+                                               B, expert_index, rank_index, rank_gate, y, d_out, accumulate);
   const double macs = static_cast<double>(tokens) * static_cast<double>(active) * static_cast<double>(d_in + d_out);
   if (macs < static_cast<double>(kKeepGilMacs)) return bem::lora_forward_cpu(p);  // checks the sizes too
   py::gil_scoped_release nogil;

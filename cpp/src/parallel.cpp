@@ -62,6 +62,42 @@ inline void cpu_relax() {
 // pay a futex wake-up, and an idle pool costs nothing.
 constexpr int kSpinIterations = 4000;  // ~20–50 µs of pause instructions
 
+// One parallel region's work, shared by both backends: chunks of [0, n) claimed dynamically by
+// whichever threads run it; the first exception is kept (and stops the handing out of work) for
+// the caller to rethrow. run() never lets an exception escape (the OpenMP body is called from C).
+struct Region {
+  const std::function<void(int64_t, int64_t)>* fn = nullptr;
+  int64_t n = 0, chunk = 1;
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::exception_ptr error;
+
+  void reset(const std::function<void(int64_t, int64_t)>& f, int64_t count, int64_t size) {
+    fn = &f;
+    n = count;
+    chunk = size;
+    next.store(0, std::memory_order_relaxed);
+    error = nullptr;
+  }
+
+  void run() {
+    const bool outer = t_inside_region;
+    t_inside_region = true;
+    for (;;) {
+      const int64_t begin = next.fetch_add(chunk, std::memory_order_relaxed);
+      if (begin >= n) break;
+      try {
+        (*fn)(begin, std::min(n, begin + chunk));
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (!error) error = std::current_exception();
+        next.store(n, std::memory_order_relaxed);  // stop handing out work
+      }
+    }
+    t_inside_region = outer;
+  }
+};
+
 // Regions are "late-join": the calling thread starts on the chunks at once, and a worker helps
 // only if it arrives while unclaimed chunks remain. When the caller has claimed the last chunk it
 // closes the region and waits only for workers that actually joined, never for one still waking
@@ -69,8 +105,8 @@ constexpr int kSpinIterations = 4000;  // ~20–50 µs of pause instructions
 // busy (torch's OpenMP threads, other processes), while large calls use every thread.
 class Pool {
  public:
-  explicit Pool(int threads) : threads_(threads) {
-    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { worker_loop(); });
+  explicit Pool(int threads) {
+    for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
   }
   ~Pool() {
     {
@@ -80,50 +116,28 @@ class Pool {
     cv_start_.notify_all();
     for (auto& w : workers_) w.join();
   }
-  int threads() const { return threads_; }
 
   // Returns false (and runs nothing) when the pool is busy; the caller then runs serially.
   bool try_run(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn) {
     std::unique_lock<std::mutex> region(region_mu_, std::try_to_lock);
     if (!region.owns_lock()) return false;
-    // Published to workers by the release in the state_ store below.
-    fn_ = &fn;
-    n_ = n;
-    chunk_ = chunk;
-    next_.store(0, std::memory_order_relaxed);
-    error_ = nullptr;
+    region_.reset(fn, n, chunk);  // published to workers by the release in the state_ store below
     const uint64_t open = (++generation_ << 1) | 1u;
     state_.store(open, std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
       std::lock_guard<std::mutex> lock(mu_);  // pairs with the predicate check of a sleeper
       cv_start_.notify_all();
     }
-    run_chunks();
+    region_.run();
     state_.store(open & ~uint64_t{1}, std::memory_order_seq_cst);  // close: no late joiners
     for (int spins = 0; active_.load(std::memory_order_acquire) != 0; ++spins) {
       if (spins < kSpinIterations) cpu_relax(); else std::this_thread::yield();
     }
-    fn_ = nullptr;
-    if (error_) std::rethrow_exception(error_);
+    if (region_.error) std::rethrow_exception(region_.error);
     return true;
   }
 
  private:
-  void run_chunks() {
-    t_inside_region = true;
-    for (;;) {
-      const int64_t begin = next_.fetch_add(chunk_, std::memory_order_relaxed);
-      if (begin >= n_) break;
-      try {
-        (*fn_)(begin, std::min(n_, begin + chunk_));
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(mu_);
-        if (!error_) error_ = std::current_exception();
-        next_.store(n_, std::memory_order_relaxed);  // stop handing out work
-      }
-    }
-    t_inside_region = false;
-  }
 
   bool joinable(uint64_t s, uint64_t seen) const { return (s & 1u) && s != seen; }
 
@@ -150,12 +164,11 @@ class Pool {
       // Join only if the region is still open: either the caller sees this increment before
       // it stops waiting, or this thread sees the region closed and leaves without touching it.
       active_.fetch_add(1, std::memory_order_seq_cst);
-      if (state_.load(std::memory_order_seq_cst) == s) run_chunks();
+      if (state_.load(std::memory_order_seq_cst) == s) region_.run();
       active_.fetch_sub(1, std::memory_order_release);
     }
   }
 
-  const int threads_;
   std::vector<std::thread> workers_;
   std::mutex region_mu_;
   std::mutex mu_;
@@ -165,10 +178,7 @@ class Pool {
   std::atomic<uint64_t> state_{0};  // (generation << 1) | open
   std::atomic<int> active_{0};
   std::atomic<int> sleepers_{0};
-  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
-  int64_t n_ = 0, chunk_ = 1;
-  std::atomic<int64_t> next_{0};
-  std::exception_ptr error_;
+  Region region_;
 };
 
 // ---- the process's OpenMP runtime ----------------------------------------------------------------
@@ -230,33 +240,8 @@ OmpRuntime find_openmp() {
   return {};
 }
 
-struct OmpRegion {
-  const std::function<void(int64_t, int64_t)>* fn;
-  int64_t n, chunk;
-  std::atomic<int64_t> next{0};
-  std::mutex mu;
-  std::exception_ptr error;
-};
-
-// The body every thread of the OpenMP team runs: chunks claimed dynamically, as in the own pool.
-// No exception may leave it (it is called from C).
-extern "C" void bem_omp_body(void* data) {
-  auto* r = static_cast<OmpRegion*>(data);
-  const bool outer = t_inside_region;
-  t_inside_region = true;
-  for (;;) {
-    const int64_t begin = r->next.fetch_add(r->chunk, std::memory_order_relaxed);
-    if (begin >= r->n) break;
-    try {
-      (*r->fn)(begin, std::min(r->n, begin + r->chunk));
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(r->mu);
-      if (!r->error) r->error = std::current_exception();
-      r->next.store(r->n, std::memory_order_relaxed);
-    }
-  }
-  t_inside_region = outer;
-}
+// What every thread of the OpenMP team runs.
+extern "C" void bem_omp_body(void* data) { static_cast<Region*>(data)->run(); }
 
 // ---- the backend in use ------------------------------------------------------------------------
 struct Backend {
@@ -299,10 +284,8 @@ Backend& backend() {
 bool run_openmp(const Backend& b, int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn) {
   std::unique_lock<std::mutex> region(g_omp_region_mu, std::try_to_lock);
   if (!region.owns_lock()) return false;
-  OmpRegion r;
-  r.fn = &fn;
-  r.n = n;
-  r.chunk = chunk;
+  Region r;
+  r.reset(fn, n, chunk);
   b.omp.parallel(&bem_omp_body, &r, static_cast<unsigned>(b.threads), 0);
   if (r.error) std::rethrow_exception(r.error);
   return true;

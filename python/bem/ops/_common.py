@@ -117,6 +117,29 @@ def check_scalar(op: str, name: str, v: object) -> float:
     return v
 
 
+# ---- the CPU inference fast paths of lora_delta and kron_delta ------------------------------------
+# A decode-sized call costs a few µs, so these read as few tensor attributes as they can (each costs
+# 0.1–0.3 µs); anything unusual takes the op's fully checked path, which also words the errors.
+CPU_KERNELS = _ext.C() if _ext.available() else None
+is_compiling = torch.compiler.is_compiling
+grad_enabled = torch.is_grad_enabled
+_FAST_DTYPES = frozenset(KERNEL_DTYPES)
+
+
+def fast_operands(x: object, A: object, B: object) -> torch.dtype | None:
+    """x's dtype when x, A and B are contiguous CPU tensors of one kernel dtype, else None."""
+    Tensor = torch.Tensor
+    if not (isinstance(x, Tensor) and isinstance(A, Tensor) and isinstance(B, Tensor)):
+        return None
+    dt = x.dtype
+    if dt not in _FAST_DTYPES or A.dtype is not dt or B.dtype is not dt:
+        return None
+    if not (x.is_cpu and A.is_cpu and B.is_cpu and x.is_contiguous() and A.is_contiguous()
+            and B.is_contiguous()):
+        return None
+    return dt
+
+
 def row_major(t: torch.Tensor) -> torch.Tensor:
     """`t` itself when its rows are contiguous (a row stride is allowed), else a contiguous copy."""
     if t.stride(-1) == 1 and t.stride(0) >= t.shape[-1]:

@@ -134,18 +134,17 @@ def kron_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, *, scale: floa
     Returns:
         (..., o1·o2) in x's dtype. Differentiable in x, A and B.
     """
-    if _CPU_KERNELS is not None and not _is_compiling():
+    if c.CPU_KERNELS is not None and not c.is_compiling():
         sizes = _fast_sizes(x, A, B, out)
-        if sizes is not None and not (_grad_enabled() and (
+        if sizes is not None and not (c.grad_enabled() and (
                 x.requires_grad or A.requires_grad or B.requires_grad)):
             # Inference fast path (CPU, contiguous, kernel dtype): straight to the kernel.
-            if not (type(scale) is float and scale - scale == 0.0):
-                scale = c.check_scalar(OP, "scale", scale)
+            scale = c.check_scalar(OP, "scale", scale)
             T, o1, i1, o2, i2 = sizes
             dt = x.dtype
             y = out if out is not None else torch.empty((*x.shape[:-1], o1 * o2), dtype=dt)
-            if not _CPU_KERNELS.kron_forward(
-                    -1, 0, 0, T, o1, i1, o2, i2, _DTYPE_CODES[dt], scale, x.data_ptr(),
+            if not c.CPU_KERNELS.kron_forward(
+                    -1, 0, 0, T, o1, i1, o2, i2, _ext.DTYPE_CODES[dt], scale, x.data_ptr(),
                     A.data_ptr(), B.data_ptr(), y.data_ptr(), o1 * o2, out is not None):
                 c.raise_if_nonfinite_input(OP, x=x, A=A, B=B)
             return y
@@ -168,13 +167,8 @@ def _fast_sizes(x, A, B, out):
     """The common valid case (CPU, kernel dtype, contiguous x, A, B and `out`), checked with few
     attribute reads; (T, o1, i1, o2, i2), or None for the fully checked path (which also produces
     the error messages)."""
-    if not (isinstance(x, _Tensor) and isinstance(A, _Tensor) and isinstance(B, _Tensor)):
-        return None
-    dt = x.dtype
-    if dt not in _FAST_DTYPES or A.dtype is not dt or B.dtype is not dt:
-        return None
-    if not (x.is_cpu and A.is_cpu and B.is_cpu and x.is_contiguous() and A.is_contiguous()
-            and B.is_contiguous()):
+    dt = c.fast_operands(x, A, B)
+    if dt is None:
         return None
     xs, As, Bs = x.shape, A.shape, B.shape
     if len(As) != 2 or len(Bs) != 2 or len(xs) < 1:
@@ -186,18 +180,10 @@ def _fast_sizes(x, A, B, out):
     T = x.numel() // d_in
     if T == 0:
         return None
-    if out is not None and not (isinstance(out, _Tensor) and out.dtype is dt and out.is_cpu
+    if out is not None and not (isinstance(out, torch.Tensor) and out.dtype is dt and out.is_cpu
                                 and out.is_contiguous() and out.shape == (*xs[:-1], o1 * o2)):
         return None
     return T, o1, i1, o2, i2
-
-
-_Tensor = torch.Tensor
-_FAST_DTYPES = frozenset((torch.float32, torch.bfloat16, torch.float16))
-_CPU_KERNELS = _ext.C() if _ext.available() else None
-_DTYPE_CODES = _ext.DTYPE_CODES
-_is_compiling = torch.compiler.is_compiling
-_grad_enabled = torch.is_grad_enabled
 
 
 def kron_spectral_norm(A: torch.Tensor, B: torch.Tensor, *, tol: float = 1e-6,

@@ -239,13 +239,8 @@ def _fast_sizes(x, A, B, ei, ri, gate, out):
     0.1–0.3 µs, and a decode-sized delta is a few µs): CPU, kernel dtype, contiguous, int64 indices,
     fp32 gate, contiguous `out`. Returns (T, d_in, d_out, r, k, E), or None to take the fully
     checked path (which also produces the error messages and handles strided inputs)."""
-    if not (isinstance(x, _Tensor) and isinstance(A, _Tensor) and isinstance(B, _Tensor)):
-        return None
-    dt = x.dtype
-    if dt not in _FAST_DTYPES or A.dtype is not dt or B.dtype is not dt:
-        return None
-    if not (x.is_cpu and A.is_cpu and B.is_cpu and x.is_contiguous() and A.is_contiguous()
-            and B.is_contiguous()):
+    dt = c.fast_operands(x, A, B)
+    if dt is None:
         return None
     xs, As, Bs = x.shape, A.shape, B.shape
     if len(xs) != 2 or len(As) != len(Bs):
@@ -264,31 +259,29 @@ def _fast_sizes(x, A, B, ei, ri, gate, out):
         return None
     if a_in != d_in or r2 != r or T == 0 or r == 0 or d_out == 0:
         return None
-    if ei is not None and not (isinstance(ei, _Tensor) and ei.dtype is _INT64 and ei.is_cpu
+    if ei is not None and not (isinstance(ei, torch.Tensor) and ei.dtype is _INT64 and ei.is_cpu
                                and ei.is_contiguous() and ei.shape == (T,)):
         return None
     k = r
     if ri is not None:
-        if not (isinstance(ri, _Tensor) and ri.dtype is _INT64 and ri.is_cpu and ri.is_contiguous()
+        if not (isinstance(ri, torch.Tensor) and ri.dtype is _INT64 and ri.is_cpu and ri.is_contiguous()
                 and len(ri.shape) == 2):
             return None
         T2, k = ri.shape
         if T2 != T or k < 1 or k > r:
             return None
-    if gate is not None and not (isinstance(gate, _Tensor) and gate.dtype is _FLOAT32 and gate.is_cpu
+    if gate is not None and not (isinstance(gate, torch.Tensor) and gate.dtype is _FLOAT32 and gate.is_cpu
                                  and gate.is_contiguous() and gate.shape == (T, k)):
         return None
     # `out` with a row stride (a slice of a wider buffer) takes the checked path.
-    if out is not None and not (isinstance(out, _Tensor) and out.dtype is dt and out.is_cpu
+    if out is not None and not (isinstance(out, torch.Tensor) and out.dtype is dt and out.is_cpu
                                 and out.is_contiguous() and out.shape == (T, d_out)):
         return None
     return T, d_in, d_out, r, k, E
 
 
-_Tensor = torch.Tensor
 _INT64 = torch.int64
 _FLOAT32 = torch.float32
-_FAST_DTYPES = frozenset((torch.float32, torch.bfloat16, torch.float16))
 
 
 def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, *, scale: float = 1.0,
@@ -319,20 +312,20 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, *, scale: floa
         TypeError / ValueError / IndexError naming the argument for wrong types, shapes, dtypes,
         devices, out-of-range or duplicate indices, k > r, empty T, and NaN/Inf inputs.
     """
-    if _CPU_KERNELS is not None and not _is_compiling():
+    if c.CPU_KERNELS is not None and not c.is_compiling():
         sizes = _fast_sizes(x, A, B, expert_index, rank_index, rank_gate, out)
-        if sizes is not None and not (_grad_enabled() and (
+        if sizes is not None and not (c.grad_enabled() and (
                 x.requires_grad or A.requires_grad or B.requires_grad
                 or (rank_gate is not None and rank_gate.requires_grad))):
             # Inference fast path: straight to the CPU kernel, no dispatcher round trip (a
             # decode-sized call costs less than the dispatcher itself); accumulates into `out`.
-            if not (type(scale) is float and scale - scale == 0.0):
+            if not (type(scale) is float and scale - scale == 0.0):  # check_scalar's common case
                 scale = c.check_scalar(OP, "scale", scale)
             T, d_in, d_out, r, k, E = sizes
             dt = x.dtype
             y = out if out is not None else torch.empty((T, d_out), dtype=dt)
-            if not _CPU_KERNELS.lora_forward_cpu(
-                    T, d_in, d_out, r, k, E, _DTYPE_CODES[dt], scale, x.data_ptr(), A.data_ptr(),
+            if not c.CPU_KERNELS.lora_forward_cpu(
+                    T, d_in, d_out, r, k, E, _ext.DTYPE_CODES[dt], scale, x.data_ptr(), A.data_ptr(),
                     B.data_ptr(), 0 if expert_index is None else expert_index.data_ptr(),
                     0 if rank_index is None else rank_index.data_ptr(),
                     0 if rank_gate is None else rank_gate.data_ptr(), y.data_ptr(), out is not None):
@@ -346,9 +339,3 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, *, scale: floa
         delta = _lora_delta_op(x, A3, B3, ei, ri, gate, scale)[0]
         return delta if out is None else out.add_(delta)
     return _forward(x, A3, B3, ei, ri, gate, scale, out, False)[0]
-
-
-_CPU_KERNELS = _ext.C() if _ext.available() else None
-_DTYPE_CODES = _ext.DTYPE_CODES
-_is_compiling = torch.compiler.is_compiling
-_grad_enabled = torch.is_grad_enabled
