@@ -231,8 +231,8 @@ void token_items(const std::vector<Run>& runs, int64_t block, int64_t extent, in
       if (r.e >= 0) n += (r.t1 - r.t0 + block_of(r, tb) - 1) / block_of(r, tb);
     return n;
   };
-  const int64_t blocks = count_blocks(block);
-  const int64_t parts = blocks >= want ? 1 : (want + blocks - 1) / std::max<int64_t>(blocks, 1);
+  const int64_t blocks = std::max<int64_t>(1, count_blocks(block));
+  const int64_t parts = blocks >= want ? 1 : (want + blocks - 1) / blocks;
   const int64_t step = std::max(align, round_up((extent + parts - 1) / parts, align));
   const int64_t slot_items = (extent + step - 1) / step;
   int64_t tb = block;
@@ -365,11 +365,7 @@ bool lora_forward_cpu(const LoraForwardParams& p) {
     // Fused token blocks: each item runs the shrink and then the expand of its own tokens, so
     // there is one parallel region and no barrier between the two phases.
     std::vector<Item> items;
-    for (size_t q = 0; q < runs.size(); ++q) {
-      const Run& r = runs[q];
-      if (r.e < 0) continue;
-      for (int64_t t = r.t0; t < r.t1; t += fb) items.push_back(Item{static_cast<int64_t>(q), t, std::min(r.t1, t + fb), 0, 0});
-    }
+    token_items(runs, fb, 1, 1, 1, items);
     std::atomic<bool> all_finite{true};
     parallel_for(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
       bool ok = true;
