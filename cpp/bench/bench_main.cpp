@@ -3,11 +3,13 @@
 // the decode base layer, a memcpy of FiLM's input) to compare against.
 //
 //   bem_bench [--filter SUBSTRING] [--repeats N] [--threads N] [--min] [--cpu-time]
-//             [--expand packed|rowdot] [--shrink gemm|dot] [--split fused|phases]
+//             [--expand rowdot|packed|lanes] [--shrink gemm|dot] [--split fused|phases] [--forms]
 //
 // --expand / --shrink force one form of the LoRA kernels' expand / shrink (instead of the cost
 // model's choice per run), --split one split of a parallel LoRA forward (fused token blocks or
-// the two phases), to refit those choices on a new CPU.
+// the two phases), to refit those choices on a new CPU. --forms times the LoRA forward shapes only,
+// with each expand form forced and with the cost model's choice, interleaved call batch by call
+// batch so that a busy machine disturbs them alike.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -40,6 +42,7 @@ struct Options {
   bool minimum = false;   // report the fastest sample instead of the median
   bool cpu_time = false;  // time with the calling thread's CPU clock (with --threads 1: immune to
                           // other processes on a busy machine)
+  bool forms = false;     // LoRA forward only: every expand form, interleaved
 };
 
 Options g_options;
@@ -163,10 +166,42 @@ double lora_bytes(const LoraData& L) {
   return 4.0 * (2.0 * L.T * L.d + experts_used * (double(L.k) * L.d + double(L.d) * L.r));
 }
 
+// --forms: medians of the forward with the row-dot, packed and lanes expands forced and with the
+// cost model's choice (the last column), sampled in turn so that drift hits all four alike.
+void compare_forms(const char* shape, const std::function<void()>& fn, int repeats) {
+  constexpr int kForms = 4;  // override values 0, 1, 2, then -1 (cost model)
+  auto use = [](int f) { bem::detail::g_lora_expand_override.store(f < 3 ? f : -1); };
+  int batch = 1;
+  for (int f = 0; f < kForms; ++f) {
+    use(f);
+    for (int i = 0; i < 3; ++i) fn();
+    const double t0 = now_seconds();
+    fn();
+    batch = std::max(batch, static_cast<int>(1e-3 / std::max(now_seconds() - t0, 1e-9)));
+  }
+  std::vector<double> samples[kForms];
+  for (int r = 0; r < repeats; ++r) {
+    for (int f = 0; f < kForms; ++f) {
+      use(f);
+      const double t0 = now_seconds();
+      for (int i = 0; i < batch; ++i) fn();
+      samples[f].push_back((now_seconds() - t0) / batch);
+    }
+  }
+  use(3);
+  std::printf("| %s |", shape);
+  for (std::vector<double>& v : samples) {
+    std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+    std::printf(" %.2f |", v[v.size() / 2] * 1e6);
+  }
+  std::printf("\n");
+  std::fflush(stdout);
+}
+
 void bench_lora(const Options& o) {
   // Baseline for the decode budget: a 1024×1024 fp32 GEMV (the base layer), run through bem's own
   // shrink path (r = 1024 rows, d_out = 1), i.e. 4 MB of weights streamed once.
-  if (selected(o, "gemv baseline") || selected(o, "lora_forward")) {
+  if (!o.forms && (selected(o, "gemv baseline") || selected(o, "lora_forward"))) {
     LoraData G = make_lora(1, 1024, 1024, 1024, 1);
     G.B = random_floats(1024, 9);
     bem::LoraForwardParams p = lora_params(G);
@@ -187,6 +222,10 @@ void bench_lora(const Options& o) {
             if (!selected(o, std::string("lora_forward ") + shape)) continue;
             LoraData L = make_lora(T, d, r, k, E);
             bem::LoraForwardParams p = lora_params(L);
+            if (o.forms) {
+              compare_forms(shape, [&] { bem::lora_forward_cpu(p); }, o.repeats);
+              continue;
+            }
             const double s = time_call([&] { bem::lora_forward_cpu(p); }, o.repeats);
             print_row({"lora_forward", shape, s, 2.0 * T * k * 2 * d, lora_bytes(L), dense ? "dense" : "k=r/2"});
           }
@@ -194,6 +233,7 @@ void bench_lora(const Options& o) {
       }
     }
   }
+  if (o.forms) return;
   // Backward (all four gradients, shrink saved by the forward).
   for (int64_t T : {1, 128, 1024}) {
     for (int64_t r : {8, 64}) {
@@ -353,6 +393,15 @@ void bench_film(const Options& o) {
 
 }  // namespace
 
+// --expand's value: the g_lora_expand_override code of a LoRA expand form, or -1.
+int expand_form(const char* name) {
+  const char* names[] = {"rowdot", "packed", "lanes"};
+  for (int i = 0; i < 3; ++i) {
+    if (std::strcmp(name, names[i]) == 0) return i;
+  }
+  return -1;
+}
+
 int main(int argc, char** argv) {
   Options o;
   for (int i = 1; i < argc; ++i) {
@@ -363,19 +412,21 @@ int main(int argc, char** argv) {
       o.repeats = std::max(1, std::atoi(argv[++i]));
     } else if (a == "--threads" && i + 1 < argc) {
       o.threads = std::atoi(argv[++i]);
+    } else if (a == "--forms") {
+      o.forms = true;
     } else if (a == "--min") {
       o.minimum = true;
     } else if (a == "--cpu-time") {
       o.cpu_time = true;
-    } else if (a == "--expand" && i + 1 < argc && (std::strcmp(argv[i + 1], "packed") == 0 || std::strcmp(argv[i + 1], "rowdot") == 0)) {
-      bem::detail::g_lora_expand_override.store(std::strcmp(argv[++i], "packed") == 0 ? 1 : 0);
+    } else if (a == "--expand" && i + 1 < argc && expand_form(argv[i + 1]) >= 0) {
+      bem::detail::g_lora_expand_override.store(expand_form(argv[++i]));
     } else if (a == "--shrink" && i + 1 < argc && (std::strcmp(argv[i + 1], "gemm") == 0 || std::strcmp(argv[i + 1], "dot") == 0)) {
       bem::detail::g_lora_shrink_override.store(std::strcmp(argv[++i], "gemm") == 0 ? 1 : 0);
     } else if (a == "--split" && i + 1 < argc && (std::strcmp(argv[i + 1], "fused") == 0 || std::strcmp(argv[i + 1], "phases") == 0)) {
       bem::detail::g_lora_split_override.store(std::strcmp(argv[++i], "fused") == 0 ? 1 : 0);
     } else {
       std::fprintf(stderr, "usage: bem_bench [--filter SUBSTRING] [--repeats N] [--threads N] [--min] [--cpu-time] "
-                           "[--expand packed|rowdot] [--shrink gemm|dot] [--split fused|phases]\n");
+                           "[--expand rowdot|packed|lanes] [--shrink gemm|dot] [--split fused|phases] [--forms]\n");
       return 2;
     }
   }
@@ -385,6 +436,11 @@ int main(int argc, char** argv) {
               cpu_model().c_str(), std::thread::hardware_concurrency(), bem::num_threads(),
               bem::detail::simd_level_name(bem::detail::simd_level()), o.minimum ? "minimum" : "medians", o.repeats,
               o.cpu_time ? "thread CPU time" : "wall clock");
+  if (o.forms) {
+    std::printf("| lora_forward shape | rowdot µs | packed µs | lanes µs | cost model µs |\n|---|---:|---:|---:|---:|\n");
+    bench_lora(o);
+    return 0;
+  }
   std::printf("| kernel | shape | µs/call | GFLOP/s | GB/s | note |\n|---|---|---:|---:|---:|---|\n");
   bench_lora(o);
   bench_kron(o);

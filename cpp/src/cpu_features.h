@@ -69,7 +69,7 @@ inline SimdLevel set_simd_level_cap(SimdLevel cap) {
 }
 
 // Test hook for the LoRA expand strategy: -1 chooses by cost (the default), 0 forces the row-dot
-// expand, 1 forces the packed expand, so tests exercise both on any shape.
+// expand, 1 the packed expand, 2 the tokens-in-lanes expand, so tests exercise each on any shape.
 inline std::atomic<int> g_lora_expand_override{-1};
 // Likewise for the LoRA shrink: 0 forces the dot-product tiles, 1 the GEMM form.
 inline std::atomic<int> g_lora_shrink_override{-1};

@@ -24,12 +24,21 @@ using detail::require_dtype;
 using detail::round_up;
 using detail::tls_buffer;
 
-// Consecutive tokens routed to the same expert (e = −1: no adapter). `packed` picks the expand
-// strategy for the whole run, so the result never depends on how the run is split over threads.
+// How a run's expand is computed (lora_kernels.inl): row dot products with B (few tokens), B's used
+// columns packed transposed (long runs), or tokens in vector lanes (up to a few dozen tokens that
+// share their rank set). The packed and lanes forms do the same arithmetic (each output sums its k
+// products in j order with FMAs from zero), so kBroadcast lets each work item take the cheaper of
+// the two for its own tokens without the result depending on how the run is split over threads.
+// Values 0–2 match the test hook g_lora_expand_override.
+enum class ExpandForm : uint8_t { kRowdot = 0, kPacked = 1, kLanes = 2, kBroadcast = 3 };
+
+// Consecutive tokens routed to the same expert (e = −1: no adapter). `expand` is chosen for the
+// whole run, so the result never depends on how the run is split over threads.
 struct Run {
   int64_t t0, t1, e;
-  bool packed;       // expand: packed (else row-dot)
+  ExpandForm expand;
   bool shrink_gemm;  // shrink: broadcast-form GEMM (else dot-product tiles)
+  int64_t used;      // distinct rank components used by the run's tokens
 };
 
 // Everything the work items read; built once per call.
@@ -77,6 +86,49 @@ inline int64_t segment_end(const LoraArgs& a, int64_t t, int64_t t1) {
   int64_t s = t + 1;
   while (s < t1 && std::equal(first, first + k, a.idx + s * k)) ++s;
   return s;
+}
+
+// Expand costs in ns per output column, fitted on Zen 4 with AVX-512 (the ratios, which are all that
+// matter, hold for AVX2). The row-dot expand pays per token for all r values of each B row (the
+// packed-rows path for r = 4 or 8 is much cheaper); the packed expand pays once per run for
+// transposing the used columns and then ~k FMAs per token; the lanes expand pays ~k FMAs and a
+// share of one transpose per group of up to W tokens that share their rank set, full or not.
+struct ExpandCost {
+  double rowdot_per_token, packed_per_token, lanes_per_group;
+  ExpandCost(const LoraArgs& a, int width) {
+    const bool small_rows = width > 1 && (a.r == 4 || (a.r == 8 && width == 16));
+    const double k = static_cast<double>(a.k);
+    rowdot_per_token = small_rows ? 0.6 : 0.85 + 0.057 * static_cast<double>(a.r);
+    packed_per_token = 0.27 + 0.018 * k;
+    lanes_per_group = (6.0 + 0.33 * k) * static_cast<double>(width) / 16.0;
+  }
+  double packed(int64_t used, int64_t tokens) const {
+    return 1.0 + 0.16 * static_cast<double>(used) + static_cast<double>(tokens) * packed_per_token;
+  }
+  double lanes(int64_t groups) const { return static_cast<double>(groups) * lanes_per_group; }
+};
+
+// Groups of at most `width` tokens sharing their rank set in tokens [t0, t1), and the length of the
+// shortest such segment.
+inline int64_t lane_groups(const LoraArgs& a, int64_t t0, int64_t t1, int width, int64_t* shortest = nullptr) {
+  int64_t groups = 0, least = t1 - t0;
+  for (int64_t t = t0; t < t1;) {
+    const int64_t s1 = segment_end(a, t, t1);
+    least = std::min(least, s1 - t);
+    groups += (s1 - t + width - 1) / width;
+    t = s1;
+  }
+  if (shortest != nullptr) *shortest = least;
+  return groups;
+}
+
+// The form a work item over tokens [t0, t1) of `run` uses.
+inline ExpandForm item_form(const LoraArgs& a, const Run& run, int64_t t0, int64_t t1, int width) {
+  if (run.expand != ExpandForm::kBroadcast) return run.expand;
+  if (width == 1) return ExpandForm::kPacked;
+  const ExpandCost cost(a, width);
+  return cost.lanes(lane_groups(a, t0, t1, width)) < cost.packed(run.used, t1 - t0) ? ExpandForm::kLanes
+                                                                                     : ExpandForm::kPacked;
 }
 
 }  // namespace
@@ -148,42 +200,37 @@ void build_runs(const LoraArgs& a, const int64_t* expert_index, int width, std::
     const int64_t e = expert_index ? expert_index[t] : 0;
     int64_t t1 = t + 1;
     while (t1 < a.tokens && (expert_index ? expert_index[t1] : 0) == e) ++t1;
-    runs.push_back(Run{t, t1, e, false, false});
+    runs.push_back(Run{t, t1, e, ExpandForm::kRowdot, false, 0});
     t = t1;
   }
-  // Expand cost in ns per output column, fitted on Zen 4 with AVX-512 (the ratios, which are all
-  // that matter, hold for AVX2): the row-dot expand pays per token for all r values of each B row
-  // (the packed-rows path for r = 4 or 8 is much cheaper); the packed expand pays once per run for
-  // transposing the used columns and then ~k FMAs per token.
-  const bool small_rows = width > 1 && (a.r == 4 || (a.r == 8 && width == 16));
-  const double rowdot_per_token = small_rows ? 0.4 : 0.85 + 0.057 * static_cast<double>(a.r);
-  const double packed_per_token = 0.27 + 0.018 * static_cast<double>(a.k);
+  const ExpandCost cost(a, width);
   for (Run& run : runs) {
     if (run.e < 0) continue;
-    const double n = static_cast<double>(run.t1 - run.t0);
-    int64_t used = a.k;
-    if (a.idx_stride != 0 && run.t1 - run.t0 > 1) {
+    const int64_t n = run.t1 - run.t0;
+    run.used = a.k;
+    if (a.idx_stride != 0 && n > 1) {
       std::vector<int64_t>& seen = plan_scratch().seen;
       seen.assign(static_cast<size_t>(a.r), 0);
-      used = 0;
-      for (int64_t i = run.t0 * a.k; i < run.t1 * a.k && used < a.r; ++i) {
+      run.used = 0;
+      for (int64_t i = run.t0 * a.k; i < run.t1 * a.k && run.used < a.r; ++i) {
         if (!seen[a.idx[i]]) {
           seen[a.idx[i]] = 1;
-          ++used;
+          ++run.used;
         }
       }
     }
-    const double packed_cost = 1.0 + 0.16 * static_cast<double>(used) + n * packed_per_token;
+    int64_t shortest = 0;
+    const int64_t groups = lane_groups(a, run.t0, run.t1, width, &shortest);
+    const double broadcast_cost = std::min(cost.packed(run.used, n), width > 1 ? cost.lanes(groups) : 1e300);
     const int forced = detail::g_lora_expand_override.load(std::memory_order_relaxed);
-    run.packed = forced >= 0 ? forced == 1 : packed_cost < n * rowdot_per_token;
+    if (forced >= 0) {
+      run.expand = static_cast<ExpandForm>(forced);
+    } else {
+      run.expand = broadcast_cost < static_cast<double>(n) * cost.rowdot_per_token ? ExpandForm::kBroadcast
+                                                                                    : ExpandForm::kRowdot;
+    }
     // The GEMM shrink needs a full vector of active ranks and segments long enough to pay for
     // transposing their rows of A.
-    int64_t shortest = run.t1 - run.t0;
-    for (int64_t t = run.t0; t < run.t1 && a.idx_stride != 0;) {
-      const int64_t s1 = segment_end(a, t, run.t1);
-      shortest = std::min(shortest, s1 - t);
-      t = s1;
-    }
     const int forced_shrink = detail::g_lora_shrink_override.load(std::memory_order_relaxed);
     run.shrink_gemm = forced_shrink >= 0 ? forced_shrink == 1
                                          : width > 1 && a.k >= width && shortest >= kShrinkGemmMinTokens;
@@ -253,13 +300,17 @@ void token_items(const std::vector<Run>& runs, int64_t block, int64_t extent, in
 // is one token block of a run, shrink then expand, one block per thread (at most kFusedMaxBlock
 // tokens): one parallel region, no barrier between the phases, and each thread writes whole rows
 // of y. Measured on Zen 4 (2 threads on torch's OpenMP threads, interleaved with the two-phase
-// split, two runs): 1.02–1.9x faster in 12 of 14 shapes from T = 16 to 1024, even at T = 16,
-// d = 1024, r = 64, and 6% slower at T = 16, d = 4096, r = 64, a short call whose active weights
-// exceed L2 (every thread streams all of A and B, 2 MB, from L3). So blocks under 16 tokens fuse
-// only when those weights fit in 1 MB, and fewer than 4 tokens per thread (decode) never fuse.
+// split, two runs): 1.02–1.9x faster in 12 of 14 shapes from T = 16 to 1024, and 6% slower at
+// T = 16, d = 4096, r = 64, a short call whose active weights exceed L2 (every thread streams all
+// of A and B, 2 MB, from L3). With the lanes expand, the two-phase split also wins at T = 16 for
+// active weights of 0.5–1 MB (d = 1024, r = 64: 34 vs 39 µs; d = 4096, r = 64, k = 32: 63 vs
+// 74 µs): its expand items keep all 16 tokens in the lanes of one vector, where a fused 8-token
+// block fills half. So blocks of fewer than min(16, W) tokens fuse only when the active weights
+// take under 256 KB (under AVX2, W = 8, 8-token blocks fill the lanes and fuse), and fewer than 4
+// tokens per thread (decode) never fuse.
 constexpr int64_t kFusedMaxBlock = 256;
 
-int64_t fused_block(const LoraArgs& a, const std::vector<Run>& runs, int threads, DType dtype) {
+int64_t fused_block(const LoraArgs& a, const std::vector<Run>& runs, int threads, int width, DType dtype) {
   const int forced = detail::g_lora_split_override.load(std::memory_order_relaxed);
   if (forced == 0) return 0;
   const int64_t n = routed_tokens(runs);
@@ -268,7 +319,7 @@ int64_t fused_block(const LoraArgs& a, const std::vector<Run>& runs, int threads
   if (per_thread < 4) return 0;
   const int64_t fb = std::min(kFusedMaxBlock, round_up(per_thread, 4));
   const int64_t weight_bytes = a.k * (a.d_in + a.d_out) * static_cast<int64_t>(element_size(dtype));
-  return fb >= 16 || weight_bytes <= (int64_t{1} << 20) ? fb : 0;
+  return fb >= std::min(16, width) || weight_bytes < (int64_t{1} << 18) ? fb : 0;
 }
 
 }  // namespace
@@ -361,7 +412,7 @@ bool lora_forward_cpu(const LoraForwardParams& p) {
       if (run.e >= 0) kern.shrink(a, run, run.t0, run.t1, 0, a.k);
     for (const Run& run : runs)
       if (run.e >= 0) finite &= kern.expand(a, run, run.t0, run.t1, 0, a.d_out);
-  } else if (const int64_t fb = fused_block(a, runs, threads, p.dtype); fb > 0) {
+  } else if (const int64_t fb = fused_block(a, runs, threads, kern.width, p.dtype); fb > 0) {
     // Fused token blocks: each item runs the shrink and then the expand of its own tokens, so
     // there is one parallel region and no barrier between the two phases.
     std::vector<Item> items;

@@ -358,9 +358,85 @@ bool expand_packed(const LoraArgs& a, const Run& run, int64_t t0, int64_t t1, in
   return ok;
 }
 
+// Runs of a few to a few dozen tokens that share their rank set (a 16-token prefill, a chunk of a
+// batch): W tokens go in the lanes of a vector. For a block of W output rows, accumulator w sums
+// B[e][o_w, idx_j] · coef[·, j] over j (the row value broadcast from memory, so B needs no packing,
+// no horizontal sums are taken, and picking the active ranks costs nothing); one in-register
+// transpose then turns the W accumulators into W token rows of y. Every output element sums its k
+// terms in j order whatever group or block it falls in. A group of fewer than W tokens leaves lanes
+// idle: the cost model counts groups.
+// Row w of the block is addressed as (rows of group w / 4) + (w % 4)·stride, so each broadcast is one
+// base register plus one of three loop-invariant offsets: 16 separate row offsets would not fit in
+// the general registers, and their spills cost more than the FMAs.
+BEM_INLINE void lanes_block(const float* rows, int64_t stride, const int64_t* ranks, int64_t k,
+                            const float* coefT, F* acc) {
+  constexpr int G = W >= 4 ? W / 4 : 1;  // groups of 4 rows
+  constexpr int R = W >= 4 ? 4 : W;      // rows per group
+  const int64_t off[4] = {0, stride, 2 * stride, 3 * stride};
+  BEM_UNROLL for (int w = 0; w < W; ++w) acc[w] = V::zero();
+  for (int64_t j = 0; j < k; ++j) {
+    const F c = V::load(coefT + j * W);
+    const float* col = rows + ranks[j];
+    BEM_UNROLL for (int g = 0; g < G; ++g) {
+      const float* base = col + g * 4 * stride;
+      BEM_UNROLL for (int i = 0; i < R; ++i) acc[g * R + i] = V::fmadd(V::set1(base[off[i]]), c, acc[g * R + i]);
+    }
+  }
+}
+
+template <class T>
+bool expand_lanes(const LoraArgs& a, const Run& run, int64_t t0, int64_t t1, int64_t o0, int64_t o1) {
+  const int64_t n = t1 - t0, k = a.k, r = a.r;
+  thread_local std::vector<float> coef_buf, coef_t_buf, block_buf;
+  float* coef = tls_buffer(coef_buf, n * k);
+  float* coef_t = tls_buffer(coef_t_buf, k * W);  // (k, W): the group's coefficients, token i in lane i
+  float* block = tls_buffer(block_buf, W * r);    // fp32 copy of W rows of B (16-bit B, ragged last block)
+  fill_coef(a, t0, n, coef);
+  const T* Be = static_cast<const T*>(a.B) + run.e * a.d_out * r;
+  T* y = static_cast<T*>(a.y);
+  F chk = V::zero();
+  for (int64_t s0 = t0; s0 < t1;) {
+    const int64_t s1 = segment_end(a, s0, t1);
+    const int64_t* ranks = a.idx + s0 * a.idx_stride;
+    for (int64_t g0 = s0; g0 < s1; g0 += W) {
+      const int ng = static_cast<int>(std::min<int64_t>(W, s1 - g0));
+      for (int64_t j = 0; j < k; ++j) {
+        for (int i = 0; i < W; ++i) coef_t[j * W + i] = i < ng ? coef[(g0 - t0 + i) * k + j] : 0.0f;
+      }
+      for (int64_t ob = o0; ob < o1; ob += W) {
+        const int nrow = static_cast<int>(std::min<int64_t>(W, o1 - ob));
+        F acc[W];
+        if constexpr (std::is_same_v<T, float>) {
+          if (nrow == W) {
+            lanes_block(Be + ob * r, r, ranks, k, coef_t, acc);
+          }
+        }
+        if (!std::is_same_v<T, float> || nrow < W) {
+          for (int w = 0; w < W; ++w) {  // rows past the last one repeat it; their lanes are not stored
+            const T* src = Be + (ob + std::min(w, nrow - 1)) * r;
+            for (int64_t c = 0; c < r; c += W) {
+              const int m = static_cast<int>(std::min<int64_t>(W, r - c));
+              V::storen(block + w * r + c, V::loadn(src + c, m), m);
+            }
+          }
+          lanes_block(block, r, ranks, k, coef_t, acc);
+        }
+        V::transpose(acc);
+        for (int i = 0; i < ng; ++i) store_out(y + (g0 + i) * a.ld_y + ob, acc[i], nrow, a.accumulate, chk);
+      }
+    }
+    s0 = s1;
+  }
+  return V::all_zero(chk);
+}
+
 template <class T>
 bool expand(const LoraArgs& a, const Run& run, int64_t t0, int64_t t1, int64_t o0, int64_t o1) {
-  return run.packed ? expand_packed<T>(a, run, t0, t1, o0, o1) : expand_rowdot<T>(a, run, t0, t1, o0, o1);
+  switch (item_form(a, run, t0, t1, W)) {
+    case ExpandForm::kPacked: return expand_packed<T>(a, run, t0, t1, o0, o1);
+    case ExpandForm::kLanes: return expand_lanes<T>(a, run, t0, t1, o0, o1);
+    default: return expand_rowdot<T>(a, run, t0, t1, o0, o1);
+  }
 }
 
 // ---- backward pieces --------------------------------------------------------------------------------

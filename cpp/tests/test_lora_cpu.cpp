@@ -422,8 +422,9 @@ void test_against_reference() {
     bem::detail::set_simd_level_cap(level);
     for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
       for (const Problem& p : problems) {
-        // Both expand strategies and both shrink forms, forced, and the cost model's choice.
-        for (int mode = -1; mode <= 1; ++mode) {
+        // Each expand form (row-dot, packed, lanes) and both shrink forms, forced, and the cost
+        // model's choice.
+        for (int mode = -1; mode <= 2; ++mode) {
           for (int shrink = -1; shrink <= 1; ++shrink) {
             bem::detail::g_lora_expand_override.store(mode);
             bem::detail::g_lora_shrink_override.store(shrink);
@@ -455,6 +456,10 @@ void test_thread_count_independence() {
       // k < W over long segments (dot-product shrink tiles), dense and chunk-shared ranks.
       {260, 515, 1031, 8, 8, 1, false, false, false, false, 1.0f},
       {300, 515, 1031, 24, 6, 4, true, true, true, true, 0.8f},
+      // A few dozen tokens with k ≥ 16: the lanes expand (work items choose it or the packed one).
+      {16, 515, 1031, 64, 64, 1, false, false, false, false, 1.0f},
+      {40, 515, 1031, 32, 20, 2, true, true, true, false, 0.9f},
+      {100, 259, 517, 48, 48, 3, false, false, true, true, 1.1f},
   };
   for (SimdLevel level : simd_levels()) {
     bem::detail::set_simd_level_cap(level);
@@ -507,6 +512,35 @@ void test_thread_count_independence() {
   bem::detail::g_parallel_threshold_override.store(-1);
   bem::detail::g_lora_split_override.store(-1);
   bem::set_num_threads(2);
+  bem::detail::set_simd_level_cap(SimdLevel::Avx512);
+}
+
+// The packed and lanes expands do the same arithmetic in the same order, which is what lets each
+// work item pick either: forced, they give bitwise-identical outputs on every case, dtype and level.
+void test_packed_and_lanes_agree() {
+  Rng rng(4242);
+  std::vector<Case> cases = odd_cases();
+  cases.push_back({40, 515, 1031, 32, 20, 2, true, true, true, true, 0.9f});
+  cases.push_back({33, 259, 517, 64, 64, 1, false, false, false, false, 1.0f});
+  for (SimdLevel level : simd_levels()) {
+    bem::detail::set_simd_level_cap(level);
+    for (const Case& c : cases) {
+      const Problem p = make_problem(rng, c);
+      for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
+        const Inputs in = make_inputs(p, dt);
+        Buf y[2];
+        for (int form = 1; form <= 2; ++form) {
+          bem::detail::g_lora_expand_override.store(form);
+          y[form - 1] = Buf(dt, static_cast<size_t>(c.T * c.d_out));
+          bem::LoraForwardParams f = forward_params(p, in, y[form - 1], c.d_in, in.x, c.d_out);
+          bem::lora_forward_cpu(f);
+        }
+        CHECK(y[0].same_bits(y[1]), "%s %s %s: packed and lanes expands differ", bem::detail::simd_level_name(level),
+              name(dt), describe(c).c_str());
+      }
+    }
+  }
+  bem::detail::g_lora_expand_override.store(-1);
   bem::detail::set_simd_level_cap(SimdLevel::Avx512);
 }
 
@@ -723,6 +757,7 @@ int main() {
   test_reference_against_finite_differences();
   test_against_reference();
   test_thread_count_independence();
+  test_packed_and_lanes_agree();
   test_finite_flag();
   test_unused_experts_get_zero_gradients();
   test_argument_errors();
