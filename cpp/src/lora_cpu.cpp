@@ -66,12 +66,15 @@ struct LoraArgs {
   float* grad_B = nullptr;
   const Run* runs = nullptr;
   int64_t n_runs = 0;
+  // The row-dot expand of another instruction set to use instead of this one's (null: its own).
+  bool (*rowdot)(const LoraArgs&, const Run&, int64_t t0, int64_t t1, int64_t o0, int64_t o1) = nullptr;
 };
 
 struct LoraKernels {
   int width;  // SIMD lanes, for the expand cost model
   void (*shrink)(const LoraArgs&, const Run&, int64_t t0, int64_t t1, int64_t j0, int64_t j1);
   bool (*expand)(const LoraArgs&, const Run&, int64_t t0, int64_t t1, int64_t o0, int64_t o1);
+  bool (*expand_rowdot)(const LoraArgs&, const Run&, int64_t t0, int64_t t1, int64_t o0, int64_t o1);
   void (*grad_u)(const LoraArgs&, const Run&, int64_t t0, int64_t t1);
   void (*grad_x)(const LoraArgs&, const Run&, int64_t t0, int64_t t1);
   void (*grad_A)(const LoraArgs&, int64_t e, int64_t c0, int64_t c1);
@@ -393,6 +396,14 @@ bool lora_forward_cpu(const LoraForwardParams& p) {
   a.y = p.y;
   a.ld_y = p.ld_y;
   a.accumulate = p.accumulate;
+#ifdef BEM_SIMD_X86
+  // Rows of 9–32 values: the 256-bit row-dot expand first sums each row's two to four vectors with
+  // FMAs and then takes a short tree of 256-bit horizontal adds; the 512-bit one holds a row in one
+  // or two vectors and reduces W of them with 512-bit shuffles, which Zen 4 runs at half rate.
+  // Measured on Zen 4 (whole forward, 1 thread, interleaved): T = 1, d = 4096, r = 16: 7.3 vs
+  // 12.0 µs; r = 32: 14.5 vs 17.2 µs.
+  if (kern.width == 16 && a.r > 8 && a.r <= 32) a.rowdot = isa_avx2::lora_kernels(p.dtype).expand_rowdot;
+#endif
   build_runs(a, p.expert_index, kern.width, ps.runs);
   const std::vector<Run>& runs = ps.runs;
   a.runs = runs.data();

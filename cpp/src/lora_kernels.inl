@@ -435,7 +435,7 @@ bool expand(const LoraArgs& a, const Run& run, int64_t t0, int64_t t1, int64_t o
   switch (item_form(a, run, t0, t1, W)) {
     case ExpandForm::kPacked: return expand_packed<T>(a, run, t0, t1, o0, o1);
     case ExpandForm::kLanes: return expand_lanes<T>(a, run, t0, t1, o0, o1);
-    default: return expand_rowdot<T>(a, run, t0, t1, o0, o1);
+    default: return a.rowdot != nullptr ? a.rowdot(a, run, t0, t1, o0, o1) : expand_rowdot<T>(a, run, t0, t1, o0, o1);
   }
 }
 
@@ -504,7 +504,7 @@ void grad_B(const LoraArgs& a, int64_t e, int64_t o0, int64_t o1) {
 
 template <class T>
 LoraKernels lora_kernels_for() {
-  return LoraKernels{W, &shrink<T>, &expand<T>, &grad_u<T>, &grad_x<T>, &grad_A<T>, &grad_B<T>};
+  return LoraKernels{W, &shrink<T>, &expand<T>, &expand_rowdot<T>, &grad_u<T>, &grad_x<T>, &grad_A<T>, &grad_B<T>};
 }
 
 inline const LoraKernels& lora_kernels(DType dtype) {

@@ -410,6 +410,9 @@ std::vector<Case> odd_cases() {
   cs.push_back({9, 59, 111, 8, 3, 3, true, false, true, true, 0.75f});
   cs.push_back({6, 59, 111, 4, 4, 2, false, false, false, true, 1.5f});
   cs.push_back({6, 59, 111, 4, 2, 2, true, false, true, true, 1.5f});
+  // r = 9..32 under AVX-512 takes the 256-bit row-dot expand.
+  cs.push_back({5, 59, 111, 16, 16, 2, false, false, true, true, 0.5f});
+  cs.push_back({5, 59, 111, 32, 11, 2, true, false, true, true, 0.5f});
   return cs;
 }
 
