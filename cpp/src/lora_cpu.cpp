@@ -101,7 +101,7 @@ struct ExpandCost {
   ExpandCost(const LoraArgs& a, int width) {
     const bool small_rows = width > 1 && (a.r == 4 || (a.r == 8 && width == 16));
     const double k = static_cast<double>(a.k);
-    rowdot_per_token = small_rows ? 0.6 : 0.85 + 0.057 * static_cast<double>(a.r);
+    rowdot_per_token = small_rows ? 0.5 : 0.85 + 0.057 * static_cast<double>(a.r);
     packed_per_token = 0.27 + 0.018 * k;
     lanes_per_group = (6.0 + 0.33 * k) * static_cast<double>(width) / 16.0;
   }
@@ -313,7 +313,7 @@ void token_items(const std::vector<Run>& runs, int64_t block, int64_t extent, in
 // active weights of 0.5–1 MB (d = 1024, r = 64: 34 vs 39 µs; d = 4096, r = 64, k = 32: 63 vs
 // 74 µs): its expand items keep all 16 tokens in the lanes of one vector, where a fused 8-token
 // block fills half. So blocks of fewer than min(16, W) tokens fuse only when the active weights
-// take under 256 KB (under AVX2, W = 8, 8-token blocks fill the lanes and fuse), and fewer than 4
+// fit in 256 KB (under AVX2, W = 8, 8-token blocks fill the lanes and fuse), and fewer than 4
 // tokens per thread (decode) never fuse.
 constexpr int64_t kFusedMaxBlock = 256;
 
@@ -326,7 +326,7 @@ int64_t fused_block(const LoraArgs& a, const std::vector<Run>& runs, int threads
   if (per_thread < 4) return 0;
   const int64_t fb = std::min(kFusedMaxBlock, round_up(per_thread, 4));
   const int64_t weight_bytes = a.k * (a.d_in + a.d_out) * static_cast<int64_t>(element_size(dtype));
-  return fb >= std::min(16, width) || weight_bytes < (int64_t{1} << 18) ? fb : 0;
+  return fb >= std::min(16, width) || weight_bytes <= (int64_t{1} << 18) ? fb : 0;
 }
 
 }  // namespace
