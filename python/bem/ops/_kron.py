@@ -142,7 +142,7 @@ def kron_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, *, scale: floa
             scale = c.check_scalar(OP, "scale", scale)
             T, o1, i1, o2, i2 = sizes
             dt = x.dtype
-            y = out if out is not None else torch.empty((*x.shape[:-1], o1 * o2), dtype=dt)
+            y = out if out is not None else x.new_empty(*x.shape[:-1], o1 * o2)
             if not c.CPU_KERNELS.kron_forward(
                     -1, 0, 0, T, o1, i1, o2, i2, _ext.DTYPE_CODES[dt], scale, x.data_ptr(),
                     A.data_ptr(), B.data_ptr(), y.data_ptr(), o1 * o2, out is not None):
