@@ -157,8 +157,10 @@ const LoraKernels& kernels_for(DType dtype) {
 // Below this many multiply-adds a call runs on the calling thread: waking the pool costs more.
 // Forward: measured on Zen 4 (2 threads, interleaved), 2^18 multiply-adds (T = 1, d = 4096, k = 32:
 // 21.5 → 12.7 µs; T = 2, d = 1024, r = 64: 10.0 → 7.6 µs), while 2^17 loses (T = 1, d = 1024,
-// r = 64: 7.2 → 11.5 µs).
+// r = 64: 7.2 → 11.5 µs). Calls with 4 routed tokens per thread or more (the fused split: one
+// region) pay from 2^16 (T = 8, d = 1024, r = 8: 4.8 → 3.4 µs; k = 4: 4.3 → 3.1 µs).
 constexpr int64_t kParallelForwardMacs = int64_t{1} << 18;
+constexpr int64_t kParallelFusedMacs = int64_t{1} << 16;
 constexpr int64_t kParallelMacs = int64_t{1} << 19;
 // Segments from which the shrink transposes rows of A for the GEMM form (measured break-even
 // against the dot-product tiles on Zen 4: ~64 tokens).
@@ -419,8 +421,9 @@ bool lora_forward_cpu(const LoraForwardParams& p) {
     if (!p.accumulate) zero_rows(p.y, p.dtype, run.t0, run.t1, p.ld_y, 0, p.d_out);
   }
 
-  const int64_t macs = routed_tokens(runs) * a.k * (a.d_in + a.d_out);
-  const int threads = macs >= detail::parallel_threshold(kParallelForwardMacs) ? num_threads() : 1;
+  const int64_t routed = routed_tokens(runs), macs = routed * a.k * (a.d_in + a.d_out);
+  const int64_t min_macs = routed >= 4 * num_threads() ? kParallelFusedMacs : kParallelForwardMacs;
+  const int threads = macs >= detail::parallel_threshold(min_macs) ? num_threads() : 1;
   bool finite = true;
   if (threads == 1) {
     for (const Run& run : runs)
