@@ -161,7 +161,7 @@ const LoraKernels& kernels_for(DType dtype) {
 // region) pay from 2^16 (T = 8, d = 1024, r = 8: 4.8 → 3.4 µs; k = 4: 4.3 → 3.1 µs).
 constexpr int64_t kParallelForwardMacs = int64_t{1} << 18;
 constexpr int64_t kParallelFusedMacs = int64_t{1} << 16;
-constexpr int64_t kParallelMacs = int64_t{1} << 19;
+constexpr int64_t kParallelBackwardMacs = int64_t{1} << 19;
 // Segments from which the shrink transposes rows of A for the GEMM form (measured break-even
 // against the dot-product tiles on Zen 4: ~64 tokens).
 constexpr int64_t kShrinkGemmMinTokens = 64;
@@ -540,7 +540,7 @@ void lora_backward_cpu(const LoraBackwardParams& p) {
   const bool need_u = p.grad_x || p.grad_A || p.grad_gate;
   const int64_t routed = routed_tokens(runs);
   const int64_t macs = routed * (r * (p.d_out + p.d_in) + k * (p.d_in + (p.shrink ? 0 : p.d_in)));
-  const int threads = macs >= detail::parallel_threshold(kParallelMacs) ? num_threads() : 1;
+  const int threads = macs >= detail::parallel_threshold(kParallelBackwardMacs) ? num_threads() : 1;
   std::vector<Item> items;
   // Runs a per-token-block kernel over every routed run, on the pool when it pays.
   auto over_tokens = [&](int64_t block, auto&& fn) {
