@@ -7,17 +7,20 @@ See docs/stats.md.
 """
 from __future__ import annotations
 
-from bem.stats.acceptance import (AcceptanceReport, AcceptanceThresholds, GateResult, MetricResult,
-                                  VariantDecision, load_thresholds, validate, write_report)
-from bem.stats.acceptance_schema import (ExperimentResults, ResultsSchemaError, load_results,
-                                         parse_results)
-from bem.stats.bootstrap import BCaInterval, DegenerateDataWarning, bca_interval
+from bem._lazy import lazy_exports
+# Eager (numpy only): the function `fdr` shares its submodule's name, and a lazy import of the
+# submodule would bind the module, not the function, to `bem.stats.fdr`.
 from bem.stats.fdr import FDRResult, fdr
-from bem.stats.paired import paired_test
 
-__all__ = [
-    "AcceptanceReport", "AcceptanceThresholds", "BCaInterval", "DegenerateDataWarning",
-    "ExperimentResults", "FDRResult", "GateResult", "MetricResult", "ResultsSchemaError",
-    "VariantDecision", "bca_interval", "fdr", "load_results", "load_thresholds", "paired_test",
-    "parse_results", "validate", "write_report",
-]
+_EXPORTS = {
+    "AcceptanceReport": "acceptance", "AcceptanceThresholds": "acceptance", "GateResult": "acceptance",
+    "MetricResult": "acceptance", "VariantDecision": "acceptance", "load_thresholds": "acceptance",
+    "validate": "acceptance", "write_report": "acceptance",
+    "ExperimentResults": "acceptance_schema", "ResultsSchemaError": "acceptance_schema",
+    "load_results": "acceptance_schema", "parse_results": "acceptance_schema",
+    "BCaInterval": "bootstrap", "DegenerateDataWarning": "bootstrap", "bca_interval": "bootstrap",
+    "paired_test": "paired",
+}
+__all__ = sorted([*_EXPORTS, "FDRResult", "fdr"])
+# Imported on first use: bootstrap pulls in scipy.stats (0.7 s), which `bem info` never needs.
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

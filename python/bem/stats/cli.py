@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bem.stats.acceptance import load_thresholds, validate, write_report
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds the `validate` subcommand to bem's command line."""
@@ -24,6 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from bem.stats.acceptance import load_thresholds, validate, write_report
+
     try:
         thresholds = load_thresholds(args.thresholds) if args.thresholds else None
         report = validate(args.results, thresholds)
