@@ -62,36 +62,58 @@ inline void cpu_relax() {
 // pay a futex wake-up, and an idle pool costs nothing.
 constexpr int kSpinIterations = 4000;  // ~20–50 µs of pause instructions
 
-// One parallel region's work, shared by both backends: chunks of [0, n) claimed dynamically by
-// whichever threads run it; the first exception is kept (and stops the handing out of work) for
-// the caller to rethrow. run() never lets an exception escape (the OpenMP body is called from C).
+// One parallel region's work, shared by both backends: the chunks of [0, n), split into one
+// contiguous range per thread. Thread i claims the chunks of its own range first and then those
+// left in the others' ranges, so a call of the same shape gives thread i the same chunks (and
+// the same rows of the weights, still in its core's cache from the last call) unless a thread
+// comes late or runs slow, while no thread ever waits for work another could take. The first
+// exception is kept (and stops the handing out of work) for the caller to rethrow. run() never
+// lets an exception escape (the OpenMP body is called from C).
 struct Region {
+  explicit Region(int threads) : cursors(static_cast<size_t>(std::max(threads, 1))) {}
+
   const std::function<void(int64_t, int64_t)>* fn = nullptr;
-  int64_t n = 0, chunk = 1;
-  std::atomic<int64_t> next{0};
+  int64_t n = 0, chunk = 1, chunks = 0;
+  std::vector<std::atomic<int64_t>> cursors;  // next chunk of each thread's range
+  std::atomic<bool> stop{false};
+  std::atomic<int> arrivals{0};  // thread index when the backend cannot tell one
+  int (*team_index)() = nullptr;  // the OpenMP runtime's omp_get_thread_num, if it has one
   std::mutex mu;
   std::exception_ptr error;
+
+  int64_t range_begin(size_t i) const { return chunks * static_cast<int64_t>(i) / static_cast<int64_t>(cursors.size()); }
 
   void reset(const std::function<void(int64_t, int64_t)>& f, int64_t count, int64_t size) {
     fn = &f;
     n = count;
     chunk = size;
-    next.store(0, std::memory_order_relaxed);
+    chunks = (n + chunk - 1) / chunk;
+    for (size_t i = 0; i < cursors.size(); ++i) cursors[i].store(range_begin(i), std::memory_order_relaxed);
+    stop.store(false, std::memory_order_relaxed);
+    arrivals.store(0, std::memory_order_relaxed);
     error = nullptr;
   }
 
-  void run() {
+  // `index`: this thread's place in the team (0: the caller), or −1 for the order of arrival.
+  void run(int index) {
     const bool outer = t_inside_region;
     t_inside_region = true;
-    for (;;) {
-      const int64_t begin = next.fetch_add(chunk, std::memory_order_relaxed);
-      if (begin >= n) break;
-      try {
-        (*fn)(begin, std::min(n, begin + chunk));
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(mu);
-        if (!error) error = std::current_exception();
-        next.store(n, std::memory_order_relaxed);  // stop handing out work
+    const size_t p = cursors.size();
+    const int who = index >= 0 ? index : arrivals.fetch_add(1, std::memory_order_relaxed);
+    const size_t home = static_cast<size_t>(who) % p;
+    for (size_t k = 0; k < p && !stop.load(std::memory_order_relaxed); ++k) {
+      const size_t r = (home + k) % p;
+      const int64_t end = range_begin(r + 1);
+      for (;;) {
+        const int64_t c = cursors[r].fetch_add(1, std::memory_order_relaxed);
+        if (c >= end || stop.load(std::memory_order_relaxed)) break;
+        try {
+          (*fn)(c * chunk, std::min(n, (c + 1) * chunk));
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(mu);
+          if (!error) error = std::current_exception();
+          stop.store(true, std::memory_order_relaxed);  // stop handing out work
+        }
       }
     }
     t_inside_region = outer;
@@ -105,8 +127,8 @@ struct Region {
 // busy (torch's OpenMP threads, other processes), while large calls use every thread.
 class Pool {
  public:
-  explicit Pool(int threads) {
-    for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+  explicit Pool(int threads) : region_(threads) {
+    for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
   }
   ~Pool() {
     {
@@ -128,7 +150,7 @@ class Pool {
       std::lock_guard<std::mutex> lock(mu_);  // pairs with the predicate check of a sleeper
       cv_start_.notify_all();
     }
-    region_.run();
+    region_.run(0);
     state_.store(open & ~uint64_t{1}, std::memory_order_seq_cst);  // close: no late joiners
     for (int spins = 0; active_.load(std::memory_order_acquire) != 0; ++spins) {
       if (spins < kSpinIterations) cpu_relax(); else std::this_thread::yield();
@@ -141,7 +163,7 @@ class Pool {
 
   bool joinable(uint64_t s, uint64_t seen) const { return (s & 1u) && s != seen; }
 
-  void worker_loop() {
+  void worker_loop(int index) {
     uint64_t seen = 0;  // the open state of the last region this worker looked at
     for (;;) {
       uint64_t s = state_.load(std::memory_order_acquire);
@@ -164,7 +186,7 @@ class Pool {
       // Join only if the region is still open: either the caller sees this increment before
       // it stops waiting, or this thread sees the region closed and leaves without touching it.
       active_.fetch_add(1, std::memory_order_seq_cst);
-      if (state_.load(std::memory_order_seq_cst) == s) region_.run();
+      if (state_.load(std::memory_order_seq_cst) == s) region_.run(index);
       active_.fetch_sub(1, std::memory_order_release);
     }
   }
@@ -190,6 +212,7 @@ using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
 
 struct OmpRuntime {
   GompParallel parallel = nullptr;
+  int (*thread_num)() = nullptr;  // omp_get_thread_num
   std::string library;
 };
 
@@ -208,7 +231,8 @@ OmpRuntime open_loaded(const char* name) {
   if (void* h = dlopen(name, RTLD_LAZY | RTLD_NOLOAD)) {
     if (void* fn = dlsym(h, "GOMP_parallel")) {
       const char* slash = std::strrchr(name, '/');
-      return OmpRuntime{reinterpret_cast<GompParallel>(fn), slash ? slash + 1 : name};
+      return OmpRuntime{reinterpret_cast<GompParallel>(fn),
+                        reinterpret_cast<int (*)()>(dlsym(h, "omp_get_thread_num")), slash ? slash + 1 : name};
     }
     dlclose(h);
   }
@@ -241,7 +265,10 @@ OmpRuntime find_openmp() {
 }
 
 // What every thread of the OpenMP team runs.
-extern "C" void bem_omp_body(void* data) { static_cast<Region*>(data)->run(); }
+extern "C" void bem_omp_body(void* data) {
+  Region* r = static_cast<Region*>(data);
+  r->run(r->team_index != nullptr ? r->team_index() : -1);
+}
 
 // ---- the backend in use ------------------------------------------------------------------------
 struct Backend {
@@ -284,8 +311,9 @@ Backend& backend() {
 bool run_openmp(const Backend& b, int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn) {
   std::unique_lock<std::mutex> region(g_omp_region_mu, std::try_to_lock);
   if (!region.owns_lock()) return false;
-  Region r;
+  Region r(b.threads);
   r.reset(fn, n, chunk);
+  r.team_index = b.omp.thread_num;
   b.omp.parallel(&bem_omp_body, &r, static_cast<unsigned>(b.threads), 0);
   if (r.error) std::rethrow_exception(r.error);
   return true;
