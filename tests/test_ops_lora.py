@@ -48,6 +48,32 @@ def test_matches_float64_reference(device, T, mode):
 
 
 @pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("T", [2, 16, 40, 130])
+@pytest.mark.parametrize("k", [32, 13])
+def test_chunk_shared_ranks_match_float64_reference(device, T, k):
+    """One rank set per 64-token chunk (the router's granularity) and k >= 13: the CPU kernels then
+    take each expand form (row-dot at a few tokens, tokens-in-lanes at a few dozen, packed beyond)."""
+    gen = torch.Generator().manual_seed(100 + T + k)
+    d_in, d_out, r, E = 61, 133, 32, 3
+    chunks = (T + 63) // 64
+    per_chunk = torch.stack([torch.randperm(r, generator=gen)[:k] for _ in range(chunks)])
+    ri = per_chunk.repeat_interleave(64, dim=0)[:T].contiguous()
+    ei = routed_expert_index(T, E, gen, gap_prob=0.1)
+    for i, dtype in enumerate(kernel_dtypes(device)):
+        x = torch.randn(T, d_in, generator=gen).to(device=device, dtype=dtype)
+        A = (torch.randn(E, r, d_in, generator=gen) / d_in ** 0.5).to(device=device, dtype=dtype)
+        B = torch.randn(E, d_out, r, generator=gen).to(device=device, dtype=dtype)
+        for rank_index in (ri.to(device), None):
+            out = lora_delta(x, A, B, scale=0.5, expert_index=ei.to(device), rank_index=rank_index)
+            want = ref64(x, A, B, ei.to(device), rank_index, None, 0.5)
+            assert_close_scaled(out, want, dtype, f"{dtype} T={T} k={k} ranks={rank_index is not None}")
+            # One run of all T tokens (a single expert, 2-D weights): T = 16 and 40 take the lanes form.
+            out = lora_delta(x, A[0], B[0], scale=0.5, rank_index=rank_index)
+            want = ref64(x, A[:1], B[:1], None, rank_index, None, 0.5)
+            assert_close_scaled(out, want, dtype, f"{dtype} T={T} k={k} one run")
+
+
+@pytest.mark.parametrize("device", available_devices())
 def test_single_expert_2d_weights_and_no_routing(device):
     x, A, B, _, _, _ = make_inputs(33, device=device, E=1, dynamic=False, gated=False)
     out = lora_delta(x, A[0], B[0], scale=2.0)
