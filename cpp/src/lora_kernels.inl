@@ -358,14 +358,7 @@ bool expand_packed(const LoraArgs& a, const Run& run, int64_t t0, int64_t t1, in
   return ok;
 }
 
-// Runs of a few to a few dozen tokens that share their rank set (a 16-token prefill, a chunk of a
-// batch): W tokens go in the lanes of a vector. For a block of W output rows, accumulator w sums
-// B[e][o_w, idx_j] · coef[·, j] over j (the row value broadcast from memory, so B needs no packing,
-// no horizontal sums are taken, and picking the active ranks costs nothing); one in-register
-// transpose then turns the W accumulators into W token rows of y. Every output element sums its k
-// terms in j order whatever group or block it falls in. A group of fewer than W tokens leaves lanes
-// idle: the cost model counts groups.
-// Row w of the block is addressed as (rows of group w / 4) + (w % 4)·stride, so each broadcast is one
+// Row w of a block is addressed as (rows of group w / 4) + (w % 4)·stride, so each broadcast is one
 // base register plus one of three loop-invariant offsets: 16 separate row offsets would not fit in
 // the general registers, and their spills cost more than the FMAs.
 BEM_INLINE void lanes_block(const float* rows, int64_t stride, const int64_t* ranks, int64_t k,
@@ -384,6 +377,13 @@ BEM_INLINE void lanes_block(const float* rows, int64_t stride, const int64_t* ra
   }
 }
 
+// Runs of a few to a few dozen tokens that share their rank set (a 16-token prefill, a chunk of a
+// batch): W tokens go in the lanes of a vector. For a block of W output rows, accumulator w sums
+// B[e][o_w, idx_j] · coef[·, j] over j (the row value broadcast from memory, so B needs no packing,
+// no horizontal sums are taken, and picking the active ranks costs nothing); one in-register
+// transpose then turns the W accumulators into W token rows of y. Every output element sums its k
+// terms in j order whatever group or block it falls in. A group of fewer than W tokens leaves lanes
+// idle: the cost model counts groups.
 template <class T>
 bool expand_lanes(const LoraArgs& a, const Run& run, int64_t t0, int64_t t1, int64_t o0, int64_t o1) {
   const int64_t n = t1 - t0, k = a.k, r = a.r;
@@ -405,13 +405,11 @@ bool expand_lanes(const LoraArgs& a, const Run& run, int64_t t0, int64_t t1, int
       }
       for (int64_t ob = o0; ob < o1; ob += W) {
         const int nrow = static_cast<int>(std::min<int64_t>(W, o1 - ob));
-        F acc[W];
+        const float* rows = nullptr;
         if constexpr (std::is_same_v<T, float>) {
-          if (nrow == W) {
-            lanes_block(Be + ob * r, r, ranks, k, coef_t, acc);
-          }
+          if (nrow == W) rows = Be + ob * r;  // float32 B, full block: read in place
         }
-        if (!std::is_same_v<T, float> || nrow < W) {
+        if (rows == nullptr) {
           for (int w = 0; w < W; ++w) {  // rows past the last one repeat it; their lanes are not stored
             const T* src = Be + (ob + std::min(w, nrow - 1)) * r;
             for (int64_t c = 0; c < r; c += W) {
@@ -419,8 +417,10 @@ bool expand_lanes(const LoraArgs& a, const Run& run, int64_t t0, int64_t t1, int
               V::storen(block + w * r + c, V::loadn(src + c, m), m);
             }
           }
-          lanes_block(block, r, ranks, k, coef_t, acc);
+          rows = block;
         }
+        F acc[W];
+        lanes_block(rows, r, ranks, k, coef_t, acc);
         V::transpose(acc);
         for (int i = 0; i < ng; ++i) store_out(y + (g0 + i) * a.ld_y + ob, acc[i], nrow, a.accumulate, chk);
       }
