@@ -318,14 +318,15 @@ void token_items(const std::vector<Run>& runs, int64_t block, int64_t extent, in
 // fit in 256 KB (under AVX2, W = 8, 8-token blocks fill the lanes and fuse), and fewer than 4
 // tokens per thread (decode) never fuse.
 constexpr int64_t kFusedMaxBlock = 256;
+constexpr int64_t kFusedMinTokensPerThread = 4;
 
-int64_t fused_block(const LoraArgs& a, const std::vector<Run>& runs, int threads, int width, DType dtype) {
+// `routed`: the call's tokens with an adapter (routed_tokens).
+int64_t fused_block(const LoraArgs& a, int64_t routed, int threads, int width, DType dtype) {
   const int forced = detail::g_lora_split_override.load(std::memory_order_relaxed);
   if (forced == 0) return 0;
-  const int64_t n = routed_tokens(runs);
-  const int64_t per_thread = (n + threads - 1) / threads;
+  const int64_t per_thread = (routed + threads - 1) / threads;
   if (forced == 1) return std::max<int64_t>(1, std::min(per_thread, kFusedMaxBlock));
-  if (per_thread < 4) return 0;
+  if (per_thread < kFusedMinTokensPerThread) return 0;
   const int64_t fb = std::min(kFusedMaxBlock, round_up(per_thread, 4));
   const int64_t weight_bytes = a.k * (a.d_in + a.d_out) * static_cast<int64_t>(element_size(dtype));
   return fb >= std::min(16, width) || weight_bytes <= (int64_t{1} << 18) ? fb : 0;
@@ -422,7 +423,8 @@ bool lora_forward_cpu(const LoraForwardParams& p) {
   }
 
   const int64_t routed = routed_tokens(runs), macs = routed * a.k * (a.d_in + a.d_out);
-  const int64_t min_macs = routed >= 4 * num_threads() ? kParallelFusedMacs : kParallelForwardMacs;
+  const int64_t min_macs =
+      routed >= kFusedMinTokensPerThread * num_threads() ? kParallelFusedMacs : kParallelForwardMacs;
   const int threads = macs >= detail::parallel_threshold(min_macs) ? num_threads() : 1;
   bool finite = true;
   if (threads == 1) {
@@ -430,7 +432,7 @@ bool lora_forward_cpu(const LoraForwardParams& p) {
       if (run.e >= 0) kern.shrink(a, run, run.t0, run.t1, 0, a.k);
     for (const Run& run : runs)
       if (run.e >= 0) finite &= kern.expand(a, run, run.t0, run.t1, 0, a.d_out);
-  } else if (const int64_t fb = fused_block(a, runs, threads, kern.width, p.dtype); fb > 0) {
+  } else if (const int64_t fb = fused_block(a, routed, threads, kern.width, p.dtype); fb > 0) {
     // Fused token blocks: each item runs the shrink and then the expand of its own tokens, so
     // there is one parallel region and no barrier between the two phases.
     std::vector<Item> items;

@@ -8,9 +8,10 @@
 // next region (GOMP_SPINCOUNT, 300,000 spins by default: milliseconds). A second pool then
 // competes with them for the same cores: on the 2-core Zen 4 VM a T=1024, r=64 lora_delta made
 // between torch matmuls took 2.2–2.7 ms on bem's 2 pool threads, no better than on 1 thread, and
-// 1.37–1.54 ms as an OpenMP region, picked up at once by the very threads that were spinning. bem does not link OpenMP: it looks the
-// runtime up with dlopen(RTLD_NOLOAD), so a process without one (the C++ tests and benchmarks)
-// keeps bem's own pool. BEM_CPU_THREADING=pool forces the own pool.
+// 1.37–1.54 ms as an OpenMP region, picked up at once by the very threads that were spinning.
+// bem does not link OpenMP: it looks the runtime up with dlopen(RTLD_NOLOAD), so a process without
+// one (the C++ tests and benchmarks) keeps bem's own pool. BEM_CPU_THREADING=pool forces the own
+// pool.
 #include "bem/parallel.h"
 
 #include <dlfcn.h>
@@ -22,9 +23,9 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <memory>
-#include <cstring>
 #include <mutex>
 #include <stdexcept>
 #include <string>

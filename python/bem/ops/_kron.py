@@ -140,8 +140,7 @@ def kron_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, *, scale: floa
                 x.requires_grad or A.requires_grad or B.requires_grad)):
             # Inference fast path (CPU, contiguous, kernel dtype): straight to the kernel.
             scale = c.check_scalar(OP, "scale", scale)
-            T, o1, i1, o2, i2 = sizes
-            dt = x.dtype
+            T, o1, i1, o2, i2, dt = sizes
             y = out if out is not None else x.new_empty(*x.shape[:-1], o1 * o2)
             if not c.CPU_KERNELS.kron_forward(
                     -1, 0, 0, T, o1, i1, o2, i2, _ext.DTYPE_CODES[dt], scale, x.data_ptr(),
@@ -165,7 +164,7 @@ def kron_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, *, scale: floa
 
 def _fast_sizes(x, A, B, out):
     """The common valid case (CPU, kernel dtype, contiguous x, A, B and `out`), checked with few
-    attribute reads; (T, o1, i1, o2, i2), or None for the fully checked path (which also produces
+    attribute reads; (T, o1, i1, o2, i2, dtype), or None for the fully checked path (which also produces
     the error messages)."""
     dt = c.fast_operands(x, A, B)
     if dt is None:
@@ -183,7 +182,7 @@ def _fast_sizes(x, A, B, out):
     if out is not None and not (isinstance(out, torch.Tensor) and out.dtype is dt and out.is_cpu
                                 and out.is_contiguous() and out.shape == (*xs[:-1], o1 * o2)):
         return None
-    return T, o1, i1, o2, i2
+    return T, o1, i1, o2, i2, dt
 
 
 def kron_spectral_norm(A: torch.Tensor, B: torch.Tensor, *, tol: float = 1e-6,
