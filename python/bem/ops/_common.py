@@ -140,6 +140,13 @@ def fast_operands(x: object, A: object, B: object) -> torch.dtype | None:
     return dt
 
 
+def fast_out(out: object, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
+    """Whether `out` can take a fast path's result: a contiguous CPU tensor of `dtype` and `shape`
+    (a row-strided `out`, e.g. a slice of a wider buffer, takes the checked path)."""
+    return (isinstance(out, torch.Tensor) and out.dtype is dtype and out.is_cpu and out.is_contiguous()
+            and out.shape == shape)
+
+
 def row_major(t: torch.Tensor) -> torch.Tensor:
     """`t` itself when its rows are contiguous (a row stride is allowed), else a contiguous copy."""
     if t.stride(-1) == 1 and t.stride(0) >= t.shape[-1]:

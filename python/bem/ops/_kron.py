@@ -179,8 +179,7 @@ def _fast_sizes(x, A, B, out):
     T = x.numel() // d_in
     if T == 0:
         return None
-    if out is not None and not (isinstance(out, torch.Tensor) and out.dtype is dt and out.is_cpu
-                                and out.is_contiguous() and out.shape == (*xs[:-1], o1 * o2)):
+    if out is not None and not c.fast_out(out, dt, (*xs[:-1], o1 * o2)):
         return None
     return T, o1, i1, o2, i2, dt
 

@@ -275,9 +275,7 @@ def _fast_sizes(x, A, B, ei, ri, gate, out):
     if gate is not None and not (isinstance(gate, torch.Tensor) and gate.dtype is _FLOAT32 and gate.is_cpu
                                  and gate.is_contiguous() and gate.shape == (T, k)):
         return None
-    # `out` with a row stride (a slice of a wider buffer) takes the checked path.
-    if out is not None and not (isinstance(out, torch.Tensor) and out.dtype is dt and out.is_cpu
-                                and out.is_contiguous() and out.shape == (T, d_out)):
+    if out is not None and not c.fast_out(out, dt, (T, d_out)):
         return None
     return T, d_in, d_out, r, k, E, dt
 
