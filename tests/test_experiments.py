@@ -18,16 +18,20 @@ from bem.experiments.training import TaskBatches, evidence, training_ids
 from bem.model import BemForCausalLM, TransformerConfig, generate
 from bem.stats import load_results, validate
 from bem.system import BEMv13System
-from bem.tasks import ByteTokenizer, generate as suite
+from bem.tasks import DOMAINS, TASKS, ByteTokenizer, generate as suite
 
 TINY_MODEL = TransformerConfig(vocab_size=260, d_model=32, n_layers=1, n_heads=2, d_ff=48,
                                max_positions=320)
 TINY = RunConfig(model=TINY_MODEL,
                  pretrain=PretrainConfig(steps=3, batch_tokens=128, n_per_task=6, warmup=1),
-                 variants=("V2", "full"), train_steps=2, train_batch_size=4, train_n_per_task=6,
-                 eval_n_per_task=3, max_new_tokens=3, budget_fraction=0.1, n_resamples=200)
-STAGES = ["base", "base_eval", "plan", "train:baseline", "eval:baseline", "train:V2", "eval:V2",
-          "train:full", "eval:full", "results", "validate", "report"]
+                 variants=("V2", "full", "AR1", "per_request", "oracle"), train_steps=2,
+                 train_batch_size=4, train_single=6, train_switch=3, eval_single=2,
+                 eval_switch=1, max_new_tokens=3, budget_fraction=0.3, n_resamples=200,
+                 ar1_iterations=2, ar1_batch_size=4)
+STAGES = ["base", "base_eval", "plan", "train:experts", "train:baseline", "eval:baseline",
+          "train:V2", "eval:V2", "train:full", "eval:full", "train:AR1", "eval:AR1",
+          "train:per_request", "eval:per_request", "train:oracle", "eval:oracle", "results",
+          "validate", "report"]
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +55,20 @@ def test_end_to_end_writes_a_consistent_folder(finished):
     state = json.loads((folder / STATE).read_text())
     assert state["completed"] == STAGES
     results = load_results(folder / "results.json")          # the acceptance schema, strictly
-    assert [v.name for v in results.variants] == ["V2", "full"]
-    assert len(results.example_ids) == 4 * TINY.eval_n_per_task
-    assert {v.name for v in outcome.report.variants} == {"V2", "full"}
+    assert [v.name for v in results.variants] == ["V2", "full", "AR1", "per_request"]
+    assert [v.kind for v in results.variants] == ["adapter", "adapter", "router", "adapter"]
+    assert len(results.example_ids) == TINY.eval_single + 2 * TINY.eval_switch
+    assert {v.name for v in outcome.report.variants} == {"V2", "full", "AR1", "per_request"}
     assert all(v.decision in ("PROMOTE", "REJECT") and (v.decision == "PROMOTE") == (not v.reasons)
                for v in outcome.report.variants)
     acceptance = json.loads((folder / "acceptance.json").read_text())
     assert acceptance["schema"] == "bem.acceptance.report"
     report = (folder / "report.md").read_text()
-    for text in ("## The base model", "## Verdicts", "deltas.png", "overheads.png", "evidence_qa"):
+    for text in ("## The base model", "## Verdicts", "deltas.png", "overheads.png", "switched",
+                 "## Adaptation domains", "## Routing telemetry", "AR1: domain × expert"):
         assert text in report
+    routing = json.loads((folder / "systems" / "AR1" / "eval.json").read_text())["routing"]
+    assert routing["avg_plan_length"] <= 3 and set(routing["domain_expert"]) == set(DOMAINS)
     for v in outcome.report.variants:
         assert f"| {v.name} | **{v.decision}** |" in report
     for png in ("deltas.png", "overheads.png"):
@@ -161,10 +169,11 @@ def test_budgets_are_equal_within_five_percent(model, fraction):
 
 def test_training_layout_and_evidence():
     ex = next(e for e in suite("test", 3) if e.task == "evidence_qa")
-    ids, start = training_ids(ex)
+    ids, is_answer = training_ids(ex)
+    start = is_answer.index(True)
     tok = ByteTokenizer()
     assert ids[0] == tok.BOS and ids[start - 1] == tok.SEP and ids[-1] == tok.EOS
-    assert tok.decode(ids[start:]) == ex.answer
+    assert tok.decode(ids[start:]) == ex.answer and all(is_answer[start:])
     query, passages, gold = evidence(ex)
     assert query.startswith("Q:") and len(passages) == 6 and ex.answer in passages[gold]
 
@@ -178,7 +187,8 @@ def test_task_batches_by_tokens_and_turns():
     for task, lens in mean_len.items():      # about 1024 tokens per batch for every task
         assert abs(batches.sizes[task] * sum(lens) / len(lens) - 1024) <= sum(lens) / len(lens)
     assert batches.sizes["evidence_qa"] < batches.sizes["arithmetic"]
-    drawn = [batches.next()[0].task for _ in range(5 * 10)]     # 10 rounds of 5 batches
+    rounds = len(TASKS) + 1                                     # evidence QA takes 2 turns
+    drawn = [batches.next()[0].task for _ in range(rounds * 10)]  # 10 rounds
     assert drawn.count("evidence_qa") == 20 and drawn.count("arithmetic") == 10
     assert all(len({e.task for e in batches.next()}) == 1 for _ in range(10))
     with pytest.raises(ValueError, match="turns"):
@@ -223,7 +233,8 @@ def test_system_api_validates_results(finished):
     (dict(variants=("V1", "V1")), "duplicates"),
     (dict(variants=()), "variants"),
     (dict(train_steps=0), "train_steps"),
-    (dict(eval_n_per_task=1), "eval_n_per_task"),
+    (dict(eval_single=0), "eval_single"),
+    (dict(trust_region=0.0), "trust_region"),
     (dict(budget_fraction=1.5), "budget_fraction"),
     (dict(train_lr=float("nan")), "train_lr"),
     (dict(seed=-1), "seed"),

@@ -97,6 +97,92 @@ def test_routing_key_changes_with_weights_and_request_controls():
     assert out == generate(m, p, 3, head_temperature=t1)
 
 
+def _shaper_temperatures(m, queries, passages):
+    """V2 temperatures of the model's gate shaper for each query over its passages."""
+    from bem.modules import evidence_inputs
+
+    emb = m.get_input_embeddings().weight
+    return m.bem_gate_shaper(*evidence_inputs(emb, queries, passages)).temperature
+
+
+def test_v2_questions_over_the_same_passages_share_the_passage_blocks():
+    """With temperature_from at the query, the full chunks before it are keyed without the
+    query-dependent temperatures, so another question over the same passages reuses them; with
+    temperature_from=None (temperatures on every chunk) nothing is shared."""
+    m = _model("V2")
+    passages = _prompts(12, [50, 60])                      # 110 tokens: chunk 0 is passages only
+    queries = _prompts(13, [12, 15])
+    prompts = [passages[0] + passages[1] + q for q in queries]
+    temps = [_shaper_temperatures(m, [q], [passages]) for q in queries]
+    assert not torch.equal(temps[0], temps[1])
+    start = len(passages[0]) + len(passages[1])            # the query's first token (chunk 1)
+    for temperature_from, hit in ((None, 0), ([start], 64)):
+        cache = new_kv_cache(m, 8)
+        for p, t in zip(prompts, temps):
+            out = generate(m, [p], 3, cache=cache, head_temperature=t,
+                           temperature_from=temperature_from)
+            assert out == generate(m, [p], 3, head_temperature=t,
+                                   temperature_from=temperature_from)
+        assert cache.manager.stats().tokens_hit == hit
+        assert (cache.manager.stats().hit_rate > 0) == (hit > 0)
+
+
+def test_v2_blocks_from_the_query_chunk_on_need_equal_temperatures():
+    m = _model("V2")
+    p = _prompts(14, [200])                                 # 3 full blocks before the last token
+    t1 = torch.full((1, 4), 0.7, dtype=torch.float64)
+    t2 = torch.tensor([[0.4, 1.3, 2.0, 0.9]], dtype=torch.float64)
+    cache = new_kv_cache(m, 16)
+    hits = []
+    for t, start in ((t1, [70]), (t2, [70]), (t1, [130]), (None, None), (t1, [70])):
+        out = generate(m, p, 3, cache=cache, head_temperature=t, temperature_from=start)
+        assert out == generate(m, p, 3, head_temperature=t, temperature_from=start)
+        hits.append(cache.manager.stats().tokens_hit - sum(hits))
+    # t2 reuses only chunk 0 (before the query's chunk 1), never a block from chunk 1 on; a query
+    # in chunk 2 reuses chunk 0 only (t1 shaped chunk 1 before); a request without temperatures
+    # shares the unshaped chunks 0 and 1; the same temperatures and query chunk reuse every block.
+    assert hits == [0, 64, 64, 128, 192]
+
+
+def test_v2_temperature_from_chunk_in_the_forward():
+    """Through the controller: logits of the chunks before temperature_from_chunk equal those
+    without temperatures and change from it on; temperature_from_chunk 0 shapes every chunk."""
+    m = _model("V2")
+    ids = torch.tensor(_prompts(15, [150]))
+    pos = torch.arange(150).expand(1, 150)
+    emb = m.get_input_embeddings().weight
+    t = torch.tensor([[0.3, 2.0, 0.5, 1.7]], dtype=torch.float64)
+
+    def logits(**kw):
+        return m(ids, control=m.bem_controller.control(ids, pos, emb, **kw))
+
+    plain, shaped = logits(), logits(head_temperature=t)
+    late = logits(head_temperature=t, temperature_from_chunk=torch.tensor([1]))
+    torch.testing.assert_close(late[:, :64], plain[:, :64], rtol=0, atol=0)
+    assert not torch.allclose(late[:, 64:], plain[:, 64:])
+    torch.testing.assert_close(logits(head_temperature=t, temperature_from_chunk=torch.tensor([0])),
+                               shaped, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("temperature_from", [[0, 0, 0], [30, 70, 130], [60, 126, 190]])
+def test_v2_temperature_from_cached_equals_uncached(temperature_from):
+    m = _model("V2")
+    temp = torch.tensor([[0.5, 1.0, 2.0, 0.3], [1.5, 0.2, 0.9, 3.0], [0.4, 2.5, 0.7, 1.2]],
+                        dtype=torch.float64)
+    first = _prompts(11, [60, 126, 190])      # decoding crosses the chunk boundaries 64, 128, 192
+    cache = new_kv_cache(m, 24)
+    out1 = generate(m, first, 8, cache=cache, head_temperature=temp,
+                    temperature_from=torch.tensor(temperature_from))
+    assert out1 == generate(m, first, 8, head_temperature=temp, temperature_from=temperature_from)
+    # Row 0: row 2's tokens under other temperatures reuse its unshaped chunks only. Row 1: row 1
+    # continued (same temperatures) reuses its two full blocks, one of them filled during decode.
+    second = [first[2][:140] + [5, 6], first[1] + out1[1][:4]]
+    temp2, from2 = temp[[0, 1]], [min(temperature_from[2], 142), temperature_from[1]]
+    out = generate(m, second, 8, cache=cache, head_temperature=temp2, temperature_from=from2)
+    assert out == generate(m, second, 8, head_temperature=temp2, temperature_from=from2)
+    assert cache.manager.stats().tokens_hit == 64 * min(from2[0] // 64, 2) + 128
+
+
 def test_expert_override_and_learned_positions_plain_mlp():
     m = _model("lora-experts", positions="learned", mlp="plain")
     p = _prompts(3, [66, 9])
@@ -185,5 +271,17 @@ def test_bad_arguments():
     for bad in (torch.ones(2, 4), torch.zeros(1, 4), [[1.0]]):
         with pytest.raises(ValueError, match="head_temperature"):
             generate(m, [[1]], 2, head_temperature=bad)
+    t = torch.ones(1, 4)
+    with pytest.raises(ValueError, match="without head_temperature"):
+        generate(m, [[1]], 2, temperature_from=[0])
+    for bad in ([0, 0], torch.zeros(1, 1, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="temperature_from"):
+            generate(m, [[1]], 2, head_temperature=t, temperature_from=bad)
+    for bad in ([-1], [2], torch.tensor([2])):
+        with pytest.raises(ValueError, match=r"temperature_from\[0\]: .*\[0, 1\]"):
+            generate(m, [[1]], 2, head_temperature=t, temperature_from=bad)
+    for bad in ([0.0], [True], torch.tensor([0.0]), "0", 0):
+        with pytest.raises(TypeError, match="temperature_from"):
+            generate(m, [[1]], 2, head_temperature=t, temperature_from=bad)
     with pytest.raises(TypeError, match="BemForCausalLM"):
         new_kv_cache(torch.nn.Linear(2, 2), 4)

@@ -11,10 +11,15 @@ from typing import Any
 from bem.model import TransformerConfig
 
 # The systems bem run compares against the static-LoRA baseline.
-VARIANTS = ("V1", "V2", "V3", "V4", "full")
+VARIANTS = ("V1", "V2", "V3", "V4", "full", "AR1", "per_request", "oracle")
+# The routed systems: the same four LoRA experts, routed by AR1, per request, or by the oracle.
+ROUTED = ("AR1", "per_request", "oracle")
 VARIANT_TITLES = {"V1": "PT1 + dynamic-rank LoRA", "V2": "PT1 + gate shaping",
                   "V3": "Kronecker adapter (MLP down)", "V4": "residual FiLM (MLP)",
-                  "full": "full stack (PT1 + V1 + V2 + V3 + V4)"}
+                  "full": "full stack (PT1 + V1 + V2 + V3 + V4)",
+                  "AR1": "4 LoRA experts routed per chunk by AR1 (TRPO)",
+                  "per_request": "4 LoRA experts, one per request (classifier on the prompt)",
+                  "oracle": "4 LoRA experts, causal-oracle routing (ceiling)"}
 BASELINE = "baseline"
 
 
@@ -38,8 +43,12 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One experiment. Sizes are counts of examples per task of the suite; `budget_fraction` sets
-    every system's trainable adapter parameters to that fraction of the base model's (±5%)."""
+    """One experiment. The base is pre-trained on the suite's general skills; the adapters are
+    trained and evaluated on the adaptation domains: `*_single` one-part sequences and `*_switch`
+    two-part sequences that switch domain (bem.tasks.generate_adaptation). `budget_fraction` sets
+    every system's trainable adapter parameters, routers included, to that fraction of the base
+    model's (±5%). ar1_*: TRPO iterations and sequences per iteration of AR1's policy;
+    trust_region: τ of the routed experts' ‖ΔW‖_F ≤ τ, relative to each layer's ‖W‖_F."""
 
     model: TransformerConfig = field(default_factory=lambda: TransformerConfig(
         vocab_size=260, d_model=64, n_layers=2, n_heads=4, d_ff=168, max_positions=320,
@@ -48,15 +57,20 @@ class RunConfig:
     variants: tuple[str, ...] = VARIANTS
     seed: int = 0
     suite_seed: int = 0
-    train_steps: int = 400
+    train_steps: int = 800
     train_batch_size: int = 16
-    train_lr: float = 3e-3
-    train_n_per_task: int = 1000
-    eval_n_per_task: int = 100
-    max_new_tokens: int = 32
+    train_lr: float = 1e-2
+    train_single: int = 1500
+    train_switch: int = 750
+    eval_single: int = 100
+    eval_switch: int = 50
+    max_new_tokens: int = 24
     budget_fraction: float = 0.03
     flops_seq_len: int = 256
     n_resamples: int = 10_000
+    ar1_iterations: int = 40
+    ar1_batch_size: int = 64
+    trust_region: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, TransformerConfig):
@@ -71,9 +85,10 @@ class RunConfig:
         _check_variants(self.variants)
         object.__setattr__(self, "variants", tuple(self.variants))
         for owner, obj, names in (
-                ("RunConfig", self, ("train_steps", "train_batch_size", "train_n_per_task",
-                                     "eval_n_per_task", "max_new_tokens", "flops_seq_len",
-                                     "n_resamples")),
+                ("RunConfig", self, ("train_steps", "train_batch_size", "train_single",
+                                     "train_switch", "eval_single", "eval_switch",
+                                     "max_new_tokens", "flops_seq_len", "n_resamples",
+                                     "ar1_iterations", "ar1_batch_size")),
                 ("PretrainConfig", self.pretrain, ("steps", "batch_tokens", "n_per_task",
                                                      "evidence_qa_turns"))):
             for name in names:
@@ -86,7 +101,8 @@ class RunConfig:
                 v = getattr(obj, name)
                 if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                     raise ValueError(f"{owner}: {name}: expected an int >= 0, got {v!r}")
-        for owner, obj, names in (("RunConfig", self, ("train_lr", "budget_fraction")),
+        for owner, obj, names in (("RunConfig", self, ("train_lr", "budget_fraction",
+                                                       "trust_region")),
                                   ("PretrainConfig", self.pretrain, ("lr",))):
             for name in names:
                 _positive_float(owner, name, getattr(obj, name))
@@ -96,9 +112,6 @@ class RunConfig:
                 raise ValueError(f"PretrainConfig: {name}: expected a finite number >= 0, got {v!r}")
         if self.budget_fraction >= 1:
             raise ValueError(f"RunConfig: budget_fraction: expected < 1, got {self.budget_fraction}")
-        if self.eval_n_per_task < 2:
-            raise ValueError(f"RunConfig: eval_n_per_task: expected >= 2 (paired statistics), got "
-                             f"{self.eval_n_per_task}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -135,9 +148,9 @@ class RunConfig:
             return dataclasses.replace(cls(), **overrides)
         if name == "quick":
             quick = cls(pretrain=PretrainConfig(steps=3000, warmup=50, evidence_qa_turns=1),
-                        train_steps=120, train_batch_size=16, train_n_per_task=300,
-                        eval_n_per_task=16, max_new_tokens=24, budget_fraction=0.05,
-                        n_resamples=2000)
+                        train_steps=240, train_batch_size=16, train_single=300, train_switch=150,
+                        eval_single=24, eval_switch=12, max_new_tokens=16, budget_fraction=0.05,
+                        n_resamples=2000, ar1_iterations=10, ar1_batch_size=32)
             return dataclasses.replace(quick, **overrides)
         raise ValueError(f"preset: expected 'default' or 'quick', got {name!r}")
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from bem.experiments.training import TOKENIZER, prompt_ids, shape_gates
+from bem.experiments.training import TOKENIZER, prompt_ids, query_start, shape_gates
 from bem.model import generate, new_kv_cache
+from bem.modules.control import CHUNK_SIZE
 from bem.tasks import Example, score
 
 log = logging.getLogger("bem")
@@ -61,22 +62,30 @@ def _static_bytes(model: nn.Module, cache) -> int:
     return n + pool.numel() * pool.element_size()
 
 
-def _request(model: nn.Module, ex: Example, cache, max_new_tokens: int) -> list[int]:
+def _request(model: nn.Module, ex: Example, cache, max_new_tokens: int,
+             route: Callable[[Example, int], torch.Tensor] | None = None) -> list[int]:
     shaped = shape_gates(model, [ex])
     temp = shaped.temperature if shaped is not None else None
-    return generate(model, [prompt_ids(ex)], max_new_tokens, cache=cache,
-                    eos_token_id=TOKENIZER.EOS, head_temperature=temp)[0]
+    ids = prompt_ids(ex)
+    experts = None
+    if route is not None:
+        experts = route(ex, -(-(len(ids) + max_new_tokens) // CHUNK_SIZE)).to(
+            model.lm_head.weight.device)
+    return generate(model, [ids], max_new_tokens, cache=cache, experts=experts,
+                    eos_token_id=TOKENIZER.EOS, head_temperature=temp,
+                    temperature_from=[query_start(ex)] if temp is not None else None)[0]
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: Sequence[Example], *, max_new_tokens: int,
-             warmup: Sequence[Example] = (), desc: str = "evaluate", progress: bool = True
-             ) -> Evaluation:
+             warmup: Sequence[Example] = (), desc: str = "evaluate", progress: bool = True,
+             route: Callable[[Example, int], torch.Tensor] | None = None) -> Evaluation:
     """Greedy answers of `model` to `examples`, in order, with one KV cache kept across requests.
 
     `warmup` examples run first on a separate cache and are not measured. Latency is measured
     per request with a synchronised wall clock; the KV hit rate is bem.kv's (cached prompt tokens
-    of full blocks / queried)."""
+    of full blocks / queried). `route(ex, num_chunks) -> (1, num_chunks)` int64 gives the experts of
+    every chunk of a request explicitly (oracle routing); otherwise the model routes itself."""
     from tqdm.auto import tqdm
 
     if not examples:
@@ -87,7 +96,7 @@ def evaluate(model: nn.Module, examples: Sequence[Example], *, max_new_tokens: i
     if warmup:
         scratch = new_kv_cache(model, KV_BLOCKS)
         for ex in warmup:
-            _request(model, ex, scratch, max_new_tokens)
+            _request(model, ex, scratch, max_new_tokens, route)
         del scratch
     cache = new_kv_cache(model, KV_BLOCKS)
     if cuda:
@@ -99,7 +108,7 @@ def evaluate(model: nn.Module, examples: Sequence[Example], *, max_new_tokens: i
     total = 0
     for ex in tqdm(examples, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         start = time.perf_counter()
-        out = _request(model, ex, cache, max_new_tokens)
+        out = _request(model, ex, cache, max_new_tokens, route)
         if cuda:
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
@@ -117,11 +126,21 @@ def evaluate(model: nn.Module, examples: Sequence[Example], *, max_new_tokens: i
     return Evaluation(preds, scores, latency, total, int(peak), float(hit))
 
 
+def slice_of(ex: Example) -> str:
+    """The report's slice of an example: its adaptation domain, or its task for general skills."""
+    return ex.domain or ex.task
+
+
 def per_task(examples: Sequence[Example], scores: dict[str, list[float]]) -> dict[str, dict]:
-    """Task → metric → mean (and "n")."""
+    """Slice (domain, "switched" for the parts after a domain switch, or task) → metric → mean
+    (and "n")."""
     out: dict[str, dict] = {}
-    for task in dict.fromkeys(ex.task for ex in examples):
-        idx = [i for i, ex in enumerate(examples) if ex.task == task]
+    slices = {s: [i for i, ex in enumerate(examples) if slice_of(ex) == s]
+              for s in dict.fromkeys(slice_of(ex) for ex in examples)}
+    switched = [i for i, ex in enumerate(examples) if ex.part > 0 and ex.domain]
+    if switched:
+        slices["switched"] = switched
+    for task, idx in slices.items():
         out[task] = {m: float(np.mean([scores[m][i] for i in idx])) for m in scores}
         out[task]["n"] = len(idx)
     return out

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from bem.experiments.config import BASELINE, VARIANT_TITLES
-from bem.experiments.evaluation import METRICS, Evaluation
+from bem.experiments.evaluation import METRICS, Evaluation, per_task
 from bem.experiments.systems import BudgetRow
 from bem.serialization import atomic_write
 from bem.stats import AcceptanceReport
@@ -107,6 +107,53 @@ def _base_section(state: dict, base_eval: dict) -> list[str]:
     return lines + [""]
 
 
+def _adaptation_section(examples, base_eval: dict, evals: dict[str, Evaluation]) -> list[str]:
+    """Exact match per adaptation domain and on the parts after a domain switch, every system."""
+    slices = list(base_eval["per_task"])
+    lines = ["## Adaptation domains: exact match per domain and after a switch", "",
+             "`switched`: the second part of two-part sequences, whose domain differs from the "
+             "first part's (one adapter per request cannot serve both parts).", "",
+             "| system | " + " | ".join(slices) + " | all |",
+             "|---|" + "---:|" * (len(slices) + 1)]
+    rows = {"base (no adapter)": base_eval["scores"]}
+    rows.update({n: ev.scores for n, ev in evals.items()})
+    for name, scores in rows.items():
+        table = per_task(examples, scores)
+        lines.append(f"| {name} | " + " | ".join(_fmt(table[s]["exact_match"]) for s in slices)
+                     + f" | {_fmt(float(np.mean(scores['exact_match'])))} |")
+    return lines + [""]
+
+
+def _routing_section(routing: dict[str, dict | None]) -> list[str]:
+    """Routing telemetry of the routed systems (AR1, per request, oracle)."""
+    routing = {k: v for k, v in routing.items() if v}
+    if not routing:
+        return []
+    lines = ["## Routing telemetry", "",
+             "Greedy routing on the evaluation sequences. Expert chosen at each part's question "
+             "chunk, by the part's domain; switch rate = chunk-to-chunk action changes / "
+             "(chunks − 1); plan length = distinct actions per sequence; index swap = exact match "
+             "(teacher-forced) with every chosen expert e replaced by (e + 1) mod 4; projection = "
+             "the trust region's factors min(1, τ/‖ΔW‖_F) over evaluation forwards.", "",
+             "| system | switch rate | mean plan length | plan lengths | EM routed / swapped | "
+             "projected / evaluated | mean factor (projected) |",
+             "|---|---:|---:|---|---:|---:|---:|"]
+    for name, r in routing.items():
+        p = r["projection"]
+        lines.append(f"| {name} | {_fmt(r['switch_rate'])} | {_fmt(r['avg_plan_length'], 2)} | "
+                     f"{r['plan_length_histogram']} | "
+                     f"{_fmt(r['index_swap']['routed_exact_match'])} / "
+                     f"{_fmt(r['index_swap']['swapped_exact_match'])} | "
+                     f"{p['projected']} / {p['evaluations']} | {_fmt(p['mean_factor'])} |")
+    for name, r in routing.items():
+        experts = sorted({e for row in r["domain_expert"].values() for e in row})
+        lines += ["", f"**{name}: domain × expert** (parts)", "",
+                  "| domain | " + " | ".join(experts) + " |", "|---|" + "---:|" * len(experts)]
+        for domain, row in r["domain_expert"].items():
+            lines.append(f"| {domain} | " + " | ".join(str(row.get(e, 0)) for e in experts) + " |")
+    return lines + [""]
+
+
 def _systems_section(evals: dict[str, Evaluation], budgets: dict[str, BudgetRow],
                      target: int) -> list[str]:
     lines = ["## Systems", "",
@@ -159,7 +206,8 @@ def _verdict_section(report: AcceptanceReport) -> list[str]:
 
 def write_report_folder(folder: Path, state: dict, report: AcceptanceReport, examples,
                         base_eval: dict, evals: dict[str, Evaluation],
-                        budgets: dict[str, BudgetRow], *, machine: str) -> Path:
+                        budgets: dict[str, BudgetRow], *, machine: str,
+                        routing: dict[str, dict | None] | None = None) -> Path:
     """Write deltas.png, overheads.png and report.md into `folder` (atomically). Returns the
     report's path."""
     atomic_write(folder / "deltas.png", plot_deltas(report))
@@ -168,13 +216,17 @@ def write_report_folder(folder: Path, state: dict, report: AcceptanceReport, exa
     seconds = state["seconds"]
     lines = [f"# bem run `{folder.name}`", "",
              f"Machine: {machine}. Seed {cfg['seed']}, suite seed {cfg['suite_seed']}, "
-             f"{len(examples)} held-out test examples ({cfg['eval_n_per_task']} per task), "
+             f"{len(examples)} held-out test examples of the adaptation domains "
+             f"({cfg['eval_single']} one-part sequences, {cfg['eval_switch']} two-part sequences "
+             f"that switch domain), "
              f"{cfg['train_steps']} adapter training steps of {cfg['train_batch_size']} examples. "
              f"Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + ".",
              ""]
     lines += _verdict_section(report)
     lines += _base_section(state, base_eval)
     lines += _systems_section(evals, budgets, state["target_parameters"])
+    lines += _adaptation_section(examples, base_eval, evals)
+    lines += _routing_section(routing or {})
     lines += ["## Acceptance gates (bem validate)", "", report.to_markdown(), ""]
     path = folder / "report.md"
     atomic_write(path, "\n".join(lines).encode())

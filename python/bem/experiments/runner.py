@@ -15,17 +15,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from bem.experiments.base_model import load_or_pretrain
-from bem.experiments.config import BASELINE, RunConfig
+from bem.experiments.ar1 import routing_telemetry, train_routed
+from bem.experiments.config import BASELINE, ROUTED, RunConfig
 from bem.experiments.evaluation import METRICS, Evaluation, evaluate, per_task
+from bem.experiments.routing import answer_correct, oracle_experts
 from bem.experiments.systems import BudgetRow, SystemSpec, build, plan_systems, trainable
 from bem.experiments.training import train_lm
 from bem.model import BemForCausalLM
 from bem.serialization import atomic_write, load_file, save_file
 from bem.stats import AcceptanceReport, validate, write_report
-from bem.tasks import generate
+from bem.tasks import generate, generate_adaptation
 
 log = logging.getLogger("bem")
 
@@ -178,16 +181,28 @@ def _system_entry(name: str, budget: BudgetRow, ev: Evaluation) -> dict:
             "kv_cache_hit_rate": ev.kv_cache_hit_rate}
 
 
+def _variant_entry(name: str, budget: BudgetRow, ev: Evaluation, routing: dict | None) -> dict:
+    entry = {**_system_entry(name, budget, ev), "kind": "adapter"}
+    if name == "AR1":
+        entry["kind"] = "router"
+        entry["router"] = {"avg_plan_length": routing["avg_plan_length"],
+                           "index_swap_monotonic": routing["index_swap_monotonic"]}
+    return entry
+
+
 def results_document(experiment: str, examples, budgets: dict[str, BudgetRow],
-                     evals: dict[str, Evaluation], variants: list[str]) -> dict:
-    """results.json in the bem.acceptance.results schema (version 1)."""
+                     evals: dict[str, Evaluation], variants: list[str],
+                     routing: dict[str, dict | None] | None = None) -> dict:
+    """results.json in the bem.acceptance.results schema (version 1). The oracle (a ceiling that
+    reads the true domains) is reported, never validated: it is left out here."""
+    routing = routing or {}
     return {"schema": "bem.acceptance.results", "schema_version": 1, "experiment": experiment,
             "example_ids": [f"{ex.task}-{i:04d}" for i, ex in enumerate(examples)],
             "metrics": {m: {"higher_is_better": True} for m in METRICS},
             "primary_metric": PRIMARY_METRIC,
             "baseline": _system_entry(BASELINE, budgets[BASELINE], evals[BASELINE]),
-            "variants": [{**_system_entry(v, budgets[v], evals[v]), "kind": "adapter"}
-                         for v in variants]}
+            "variants": [_variant_entry(v, budgets[v], evals[v], routing.get(v))
+                         for v in variants if v != "oracle"]}
 
 
 def execute(run: Run, *, device: torch.device, progress: bool = True,
@@ -199,8 +214,8 @@ def execute(run: Run, *, device: torch.device, progress: bool = True,
 
     cfg = run.config
     folder = run.folder
-    examples = generate("test", cfg.eval_n_per_task, seed=cfg.suite_seed)
-    warmup = generate("validation", 1, seed=cfg.suite_seed)[:2]
+    examples = generate_adaptation("test", cfg.eval_single, cfg.eval_switch, seed=cfg.suite_seed)
+    warmup = generate_adaptation("validation", 1, 0, seed=cfg.suite_seed)
 
     def stage(name: str) -> float:
         if on_stage is not None:
@@ -226,54 +241,85 @@ def execute(run: Run, *, device: torch.device, progress: bool = True,
         t = stage("base_eval")
         ev = evaluate(base_model(), examples, max_new_tokens=cfg.max_new_tokens, warmup=warmup,
                       desc="evaluate base", progress=progress)
-        _write_json(folder / "base_eval.json", {**ev.to_dict(),
-                                                "per_task": per_task(examples, ev.scores)})
+        general = generate("test", 40, seed=cfg.suite_seed)
+        ok = answer_correct(base_model(), general)
+        _write_json(folder / "base_eval.json", {
+            **ev.to_dict(), "per_task": per_task(examples, ev.scores),
+            "general_teacher_forced": {task: float(np.mean([o for o, ex in zip(ok, general)
+                                                            if ex.task == task]))
+                                       for task in dict.fromkeys(ex.task for ex in general)}})
         run.complete("base_eval", time.perf_counter() - t)
 
     if not run.done("plan"):
         t = stage("plan")
         specs, budgets, target = plan_systems(base_model(), cfg.variants, cfg.budget_fraction,
-                                              cfg.flops_seq_len)
+                                              cfg.flops_seq_len, cfg.trust_region)
         run.complete("plan", time.perf_counter() - t, target_parameters=target,
                      systems=[s.to_dict() for s in specs],
                      budgets={k: vars(b) for k, b in budgets.items()})
     specs = [SystemSpec.from_dict(d) for d in run.state["systems"]]
     budgets = {k: BudgetRow(**b) for k, b in run.state["budgets"].items()}
 
-    train_examples = generate("train", cfg.train_n_per_task, seed=cfg.suite_seed)
+    train_examples = generate_adaptation("train", cfg.train_single, cfg.train_switch,
+                                         seed=cfg.suite_seed)
+    routed = [s for s in specs if s.name in ROUTED]
+    experts_file = folder / "systems" / "experts" / "adapter.safetensors"
+    if routed and not run.done("train:experts"):
+        t = stage("train:experts")
+        model = build(base_model(), SystemSpec("oracle", routed[0].config), cfg.seed)
+        losses = train_lm(model, train_examples, steps=cfg.train_steps,
+                          batch_size=cfg.train_batch_size, lr=cfg.train_lr, seed=cfg.seed,
+                          warmup=max(1, cfg.train_steps // 20), desc="train experts",
+                          progress=progress, route=oracle_experts)
+        experts_file.parent.mkdir(parents=True, exist_ok=True)
+        _save_adapter(model, experts_file)
+        _write_json(experts_file.parent / "train.json", {"losses": losses})
+        run.complete("train:experts", time.perf_counter() - t)
+
     evals: dict[str, Evaluation] = {}
+    routing: dict[str, dict | None] = {}
     for spec in specs:
         sdir = folder / "systems" / spec.name
         model = None
         if not run.done(f"train:{spec.name}"):
             t = stage(f"train:{spec.name}")
             model = build(base_model(), spec, cfg.seed)
-            losses = train_lm(model, train_examples, steps=cfg.train_steps,
-                              batch_size=cfg.train_batch_size, lr=cfg.train_lr, seed=cfg.seed,
-                              warmup=max(1, cfg.train_steps // 20), desc=f"train {spec.name}",
-                              progress=progress)
+            if spec.name in ROUTED:
+                record = train_routed(model, spec.name, experts_file, train_examples, cfg,
+                                      progress)
+            else:
+                record = {"losses": train_lm(
+                    model, train_examples, steps=cfg.train_steps,
+                    batch_size=cfg.train_batch_size, lr=cfg.train_lr, seed=cfg.seed,
+                    warmup=max(1, cfg.train_steps // 20), desc=f"train {spec.name}",
+                    progress=progress)}
             sdir.mkdir(parents=True, exist_ok=True)
             _save_adapter(model, sdir / "adapter.safetensors")
-            _write_json(sdir / "train.json", {"losses": losses, "trainable_parameters":
-                                              trainable(model)})
+            _write_json(sdir / "train.json", {**record, "trainable_parameters": trainable(model)})
             run.complete(f"train:{spec.name}", time.perf_counter() - t)
         if not run.done(f"eval:{spec.name}"):
             t = stage(f"eval:{spec.name}")
             if model is None:
                 model = build(base_model(), spec, cfg.seed)
                 _load_adapter(model, sdir / "adapter.safetensors")
+            route = ((lambda ex, n: oracle_experts([ex], n)) if spec.name == "oracle" else None)
             ev = evaluate(model, examples, max_new_tokens=cfg.max_new_tokens, warmup=warmup,
-                          desc=f"evaluate {spec.name}", progress=progress)
-            _write_json(sdir / "eval.json", ev.to_dict())
+                          desc=f"evaluate {spec.name}", progress=progress, route=route)
+            doc = ev.to_dict()
+            if spec.name in ROUTED:
+                doc["routing"] = routing_telemetry(model, spec.name, examples)
+            _write_json(sdir / "eval.json", doc)
             run.complete(f"eval:{spec.name}", time.perf_counter() - t)
-        evals[spec.name] = Evaluation.from_dict(_read_json(sdir / "eval.json"))
+        doc = _read_json(sdir / "eval.json")
+        routing[spec.name] = doc.pop("routing", None)
+        evals[spec.name] = Evaluation.from_dict(doc)
 
     variants = [s.name for s in specs if s.name != BASELINE]
     results_path = folder / RESULTS
     if not run.done("results"):
         t = stage("results")
         _write_json(results_path, results_document(folder.name, examples, budgets, evals,
-                                                   variants))
+                                                   variants, routing))
         run.complete("results", time.perf_counter() - t)
 
     # Validation is deterministic (seeded), so a resumed run recomputes the same report.
@@ -292,7 +338,7 @@ def execute(run: Run, *, device: torch.device, progress: bool = True,
         t = stage("report")
         write_report_folder(folder, run.state, report, examples,
                             _read_json(folder / "base_eval.json"), evals, budgets,
-                            machine=machine_description(device))
+                            machine=machine_description(device), routing=routing)
         run.complete("report", time.perf_counter() - t)
     return RunOutcome(folder, results_path, report, report_path)
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from bem.attach import ROLES, AdapterSpec, BemConfig, attach
 from bem.budget import count
-from bem.experiments.config import BASELINE
+from bem.experiments.config import BASELINE, ROUTED
 from bem.model import BemForCausalLM
 from bem.modules.gate_shaping import GateShaping
 
@@ -42,9 +42,14 @@ class SystemSpec:
 
 
 def build(base: BemForCausalLM, spec: SystemSpec, seed: int) -> BemForCausalLM:
-    """A copy of `base` with the spec's modules attached (base frozen), initialised from `seed`."""
+    """A copy of `base` with the spec's modules attached (base frozen), initialised from `seed`;
+    a routed system (AR1, per_request, oracle) gets its router (bem.experiments.ar1)."""
+    from bem.experiments.ar1 import attach_router
+
     torch.manual_seed(seed)
     model = attach(copy.deepcopy(base), spec.config)
+    if spec.name in ROUTED:
+        attach_router(model, spec.name)
     if spec.shaper_hidden is not None:
         ref = model.lm_head.weight
         groups = model.bem_gate_shaper.num_groups
@@ -192,8 +197,28 @@ def baseline_spec(base: BemForCausalLM, target: int) -> SystemSpec:
     return spec(_fit_affine(lambda total: _params(base, spec(total)), target))
 
 
+def experts_spec(base: BemForCausalLM, name: str, target: int, trust_region: float
+                 ) -> SystemSpec:
+    """The routed systems' four LoRA experts on the attention input (q, v), sized so that the
+    AR1 system (experts + policy, value and Q heads) is closest to `target`; each module's trust
+    region is `trust_region` × its base weight's Frobenius norm."""
+    from bem.experiments.ar1 import NUM_EXPERTS
+
+    names = _attn_in(base.config.n_layers)
+    tau = {n: trust_region * float(base.get_submodule(n).weight.detach().norm()) for n in names}
+
+    def spec(total: int, system: str = "AR1") -> SystemSpec:
+        return SystemSpec(system, BemConfig([
+            AdapterSpec("lora", [_pattern(n)], {"rank": r, "alpha": float(2 * r),
+                                                "trust_region": round(tau[n], 6)})
+            for n, r in _spread(total, names)], num_experts=NUM_EXPERTS))
+
+    return spec(_fit_affine(lambda total: _params(base, spec(total)), target), name)
+
+
 def plan_systems(base: BemForCausalLM, variants: tuple[str, ...], budget_fraction: float,
-                 flops_seq_len: int) -> tuple[list[SystemSpec], dict[str, BudgetRow], int]:
+                 flops_seq_len: int, trust_region: float = 1.0
+                 ) -> tuple[list[SystemSpec], dict[str, BudgetRow], int]:
     """Specs of the baseline and the variants, each sized to a common target of
     the parameters of the baseline (a static LoRA sized to budget_fraction × the base's
     parameters), and their measured budgets (bem.budget.count:
@@ -203,7 +228,8 @@ def plan_systems(base: BemForCausalLM, variants: tuple[str, ...], budget_fractio
     baseline = baseline_spec(base, max(1, round(budget_fraction * sum(
         p.numel() for p in base.parameters()))))
     target = _params(base, baseline)
-    specs = [baseline] + [variant_spec(base, v, target) for v in variants]
+    specs = [baseline] + [experts_spec(base, v, target, trust_region) if v in ROUTED else
+                          variant_spec(base, v, target) for v in variants]
     budgets = {}
     for s in specs:
         m = build(base, s, 0)

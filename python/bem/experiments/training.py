@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bem.modules.gate_shaping import GateShapingOutput, evidence_inputs
-from bem.tasks import ByteTokenizer, Example
+from bem.modules.control import CHUNK_SIZE
+from bem.tasks import ByteTokenizer, Example, prompt_tokens, sequence_tokens
+from bem.tasks.layout import document_length
 
 log = logging.getLogger("bem")
 TOKENIZER = ByteTokenizer()
@@ -22,19 +24,25 @@ SHAPER_LOSS_WEIGHT = 0.1
 
 
 def prompt_ids(ex: Example) -> list[int]:
-    """Model input of a request: BOS, the prompt's bytes, SEP (the model answers after SEP)."""
-    return TOKENIZER.encode(ex.prompt, bos=True) + [TOKENIZER.SEP]
+    """Model input of a request: BOS, the earlier parts of its sequence (bem.tasks.layout), the
+    prompt's bytes, SEP (the model answers after SEP)."""
+    return prompt_tokens(ex.prompt, ex.history)
 
 
-def training_ids(ex: Example) -> tuple[list[int], int]:
-    """BOS prompt SEP answer EOS, and the index of the first answer token."""
-    p = prompt_ids(ex)
-    return p + TOKENIZER.encode(ex.answer, eos=True), len(p)
+def training_ids(ex: Example) -> tuple[list[int], list[bool]]:
+    """The whole sequence (BOS, earlier parts, prompt SEP answer EOS) and which of its tokens are
+    answers (every part's answer and EOS)."""
+    return sequence_tokens(ex.prompt, ex.answer, ex.history)
 
 
 def evidence(ex: Example) -> tuple[str, list[str], int]:
     """(query, passages, index of the passage that holds the answer or −1) of an example. Evidence
-    QA prompts are passage lines then "Q: …"; other tasks have their prompt as the only passage."""
+    QA prompts are passage lines then "Q: …"; a documented part's passage is its document (the
+    first chunk of the part) and its query the question after it; other tasks have their prompt
+    as the only passage."""
+    if ex.task in ("documented", "domain", "switch"):
+        doc_len = document_length(ex.part)
+        return ex.prompt[doc_len:], [ex.prompt[:doc_len].rstrip()], -1
     if ex.task != "evidence_qa":
         return ex.prompt, [ex.prompt], -1
     lines = ex.prompt.split("\n")
@@ -43,6 +51,13 @@ def evidence(ex: Example) -> tuple[str, list[str], int]:
     key = query.removeprefix("Q:").strip().removesuffix("?")
     gold = [i for i, p in enumerate(passages) if p.split(":", 1)[0] == key]
     return query, passages, gold[0] if len(gold) == 1 else -1
+
+
+def query_start(ex: Example) -> int:
+    """Position in prompt_ids(ex) of the query's first token (where V2's temperatures start)."""
+    query, _, _ = evidence(ex)
+    i = ex.prompt.rindex(query)
+    return len(prompt_ids(ex)) - 1 - len(ex.prompt[i:].encode())
 
 
 def shape_gates(model: nn.Module, examples: Sequence[Example]) -> GateShapingOutput | None:
@@ -100,15 +115,15 @@ class TaskBatches:
 def lm_batch(examples: Sequence[Example], prompt_weight: float, device: torch.device
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids (B, T) int64, valid (B, T) bool, targets (B, T−1) int64, weights (B, T−1) float32):
-    next-token targets weighted 1 on the answer and EOS, `prompt_weight` on prompt tokens."""
+    next-token targets weighted 1 on answers and their EOS, `prompt_weight` on the other tokens."""
     rows = [training_ids(ex) for ex in examples]
     T = max(len(r) for r, _ in rows)
     ids = torch.full((len(rows), T), TOKENIZER.PAD, dtype=torch.int64)
     weights = torch.zeros(len(rows), T - 1)
-    for b, (r, start) in enumerate(rows):
+    for b, (r, is_answer) in enumerate(rows):
         ids[b, :len(r)] = torch.tensor(r)
-        weights[b, :start - 1] = prompt_weight
-        weights[b, start - 1:len(r) - 1] = 1.0
+        target_is_answer = torch.tensor(is_answer[1:], dtype=torch.bool)
+        weights[b, :len(r) - 1] = torch.where(target_is_answer, 1.0, prompt_weight)
     valid = ids != TOKENIZER.PAD
     return ids.to(device), valid.to(device), ids[:, 1:].to(device), weights.to(device)
 
@@ -125,8 +140,8 @@ def train_lm(model: nn.Module, examples: Sequence[Example], *, steps: int, batch
              lr: float, seed: int, warmup: int = 0, weight_decay: float = 0.0,
              prompt_weight: float = 0.0, desc: str = "train", progress: bool = True,
              on_step: Callable[[int, float], None] | None = None,
-             batch_tokens: int | None = None, turns: dict[str, int] | None = None
-             ) -> list[float]:
+             batch_tokens: int | None = None, turns: dict[str, int] | None = None,
+             route: Callable[[Sequence[Example]], torch.Tensor] | None = None) -> list[float]:
     """Train the parameters of `model` that require grad with AdamW on task-balanced batches.
 
     The loss is the weighted next-token cross-entropy (see :func:`lm_batch`); with a V2 gate
@@ -134,7 +149,8 @@ def train_lm(model: nn.Module, examples: Sequence[Example], *, steps: int, batch
     cross-entropy (evidence QA) plus the margin-alignment loss are added with weight
     SHAPER_LOSS_WEIGHT. Returns the loss of every step. `on_step(step, loss)` runs after each.
     `batch_tokens` sizes each task's batches by tokens instead of `batch_size`, and `turns` gives
-    a task more batches per round (TaskBatches).
+    a task more batches per round (TaskBatches). `route(batch) -> (B, C) int64` gives the experts
+    of every chunk (routed experts trained under a fixed routing, e.g. the causal oracle).
     """
     from tqdm.auto import tqdm
 
@@ -155,10 +171,14 @@ def train_lm(model: nn.Module, examples: Sequence[Example], *, steps: int, batch
         ids, valid, targets, weights = lm_batch(batch, prompt_weight, device)
         shaped = shape_gates(model, batch)
         control = None
-        if shaped is not None:
+        if shaped is not None or route is not None:
             pos = torch.arange(ids.shape[1], device=device).expand_as(ids)
-            control = controller.control(ids, pos, model.get_input_embeddings().weight,
-                                         head_temperature=shaped.temperature)
+            control = controller.control(
+                ids, pos, model.get_input_embeddings().weight,
+                experts=route(batch).to(device) if route is not None else None,
+                head_temperature=shaped.temperature if shaped is not None else None,
+                temperature_from_chunk=None if shaped is None else torch.tensor(
+                    [query_start(ex) for ex in batch], device=device) // CHUNK_SIZE)
         logits = model(ids, valid=valid, control=control)[:, :-1]
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                              reduction="none").view_as(weights)

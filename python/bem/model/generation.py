@@ -63,7 +63,7 @@ def _request_digest(model: BemForCausalLM, weights: bytes, head_temperature: tor
                     b: int) -> bytes:
     """Digest of what a chunk's K/V depends on beyond the tokens: all weights (base, adapters,
     controller; `weights` = their bem.kv.weights_digest), the bem config and row b's
-    request-level controls."""
+    request-level controls (head_temperature None: the digest of chunks run without them)."""
     h = hashlib.blake2b(digest_size=16, person=b"bem.model.key")
     h.update(weights)
     cfg = getattr(model, "bem_config", None)
@@ -86,13 +86,52 @@ def _padded(rows: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.
     return ids, valid
 
 
-def _control(model, ids: torch.Tensor, positions: torch.Tensor, experts, head_temperature
-             ) -> ChunkControl | None:
+def _control(model, ids: torch.Tensor, positions: torch.Tensor, experts, head_temperature,
+             from_chunk) -> ChunkControl | None:
     ctl = _controller(model)
     if ctl is None:
         return None
     return ctl.control(ids, positions, model.get_input_embeddings().weight, experts=experts,
-                       head_temperature=head_temperature)
+                       head_temperature=head_temperature, temperature_from_chunk=from_chunk)
+
+
+def _rows_of(value, live: list[int]):
+    """The live rows of a per-row tensor (ints and None apply to every row as they are)."""
+    return value[live] if isinstance(value, torch.Tensor) else value
+
+
+def _check_temperature_from(temperature_from, rows: list[list[int]],
+                            head_temperature: torch.Tensor | None, device) -> torch.Tensor | None:
+    """temperature_from (B,) query positions (ints or an int tensor) → (B,) int64 chunks on
+    `device`, or None."""
+    if temperature_from is None:
+        return None
+    if head_temperature is None:
+        raise ValueError("temperature_from: given without head_temperature (the temperatures it "
+                         "places)")
+    if isinstance(temperature_from, torch.Tensor):
+        dt = temperature_from.dtype
+        if dt.is_floating_point or dt.is_complex or dt == torch.bool:
+            raise TypeError(f"temperature_from: expected integer positions, got dtype {dt}")
+        if temperature_from.dim() != 1:
+            raise ValueError(f"temperature_from: expected shape ({len(rows)},), got "
+                             f"{tuple(temperature_from.shape)}")
+        values = temperature_from.tolist()
+    elif isinstance(temperature_from, (list, tuple)):
+        values = list(temperature_from)
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+            raise TypeError("temperature_from: expected a list of int positions")
+    else:
+        raise TypeError(f"temperature_from: expected a list of ints or a 1-D int tensor, got "
+                        f"{type(temperature_from).__name__}")
+    if len(values) != len(rows):
+        raise ValueError(f"temperature_from: expected one position per prompt ({len(rows)}), got "
+                         f"{len(values)}")
+    for b, (v, r) in enumerate(zip(values, rows)):
+        if not 0 <= v <= len(r):
+            raise ValueError(f"temperature_from[{b}]: expected a position in [0, {len(r)}] (the "
+                             f"prompt length), got {v}")
+    return torch.tensor(values, dtype=torch.int64, device=device) // CHUNK_SIZE
 
 
 def _check_prompts(model, prompts) -> list[list[int]]:
@@ -132,8 +171,8 @@ def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_
 def generate(model: BemForCausalLM, prompts, max_new_tokens: int, *, cache: KVCache | None = None,
              do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
              generator: torch.Generator | None = None, eos_token_id: int | None = None,
-             experts: int | None = None, head_temperature: torch.Tensor | None = None
-             ) -> list[list[int]]:
+             experts: int | torch.Tensor | None = None, head_temperature: torch.Tensor | None = None,
+             temperature_from: Sequence[int] | torch.Tensor | None = None) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens.
 
     Args:
@@ -146,8 +185,14 @@ def generate(model: BemForCausalLM, prompts, max_new_tokens: int, *, cache: KVCa
         do_sample: sample from softmax(logits / temperature), optionally top_k; else greedy.
         generator: torch.Generator for sampling (reproducible runs).
         eos_token_id: a row stops after producing it.
-        experts: one expert id for every chunk (−1 = no adapter), overriding the router.
+        experts: one expert id for every chunk (−1 = no adapter), or a (B, C) int tensor of
+            per-chunk experts covering every chunk the generation can reach, overriding the
+            router (e.g. oracle routing).
         head_temperature: (B, G) V2 gate temperatures (GateShaping output), fixed per request.
+        temperature_from: (B,) position of each row's query's first token (ints in [0, prompt
+            length]): the temperatures apply from that token's chunk (position // 64) on and
+            chunks before it are unshaped and keyed without them, so requests over the same
+            passages share those blocks. None: the temperatures apply to every chunk.
 
     Returns: B lists of new token ids.
     """
@@ -158,9 +203,15 @@ def generate(model: BemForCausalLM, prompts, max_new_tokens: int, *, cache: KVCa
         raise ValueError(f"temperature: expected > 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k: expected a positive int or None, got {top_k!r}")
-    if experts is not None and (isinstance(experts, bool) or not isinstance(experts, int) or
-                                experts < -1):
-        raise ValueError(f"experts: expected an int >= -1 or None, got {experts!r}")
+    if isinstance(experts, torch.Tensor):
+        reach = -(-(max(len(r) for r in rows) + max_new_tokens) // CHUNK_SIZE)
+        if experts.dim() != 2 or experts.shape[0] != len(rows) or experts.shape[1] < reach or \
+                experts.dtype != torch.int64 or bool((experts < -1).any()):
+            raise ValueError(f"experts: expected a ({len(rows)}, >= {reach}) int64 tensor of ids "
+                             f">= -1, got {experts.dtype} {tuple(experts.shape)}")
+    elif experts is not None and (isinstance(experts, bool) or not isinstance(experts, int) or
+                                  experts < -1):
+        raise ValueError(f"experts: expected an int >= -1, a (B, C) tensor or None, got {experts!r}")
     if experts is not None and _controller(model) is None:
         raise ValueError("experts: the model has no chunk-routed bem modules to route")
     longest = max(len(r) for r in rows) + max_new_tokens
@@ -173,6 +224,8 @@ def generate(model: BemForCausalLM, prompts, max_new_tokens: int, *, cache: KVCa
             not bool((head_temperature > 0).all())):
         raise ValueError(f"head_temperature: expected a ({len(rows)}, G) float tensor of positive "
                          f"temperatures, got {getattr(head_temperature, 'shape', head_temperature)}")
+    from_chunk = _check_temperature_from(temperature_from, rows, head_temperature,
+                                         model.lm_head.weight.device)
     if cache is not None and not isinstance(cache, KVCache):
         raise TypeError(f"cache: expected a bem.kv.KVCache (see new_kv_cache), got "
                         f"{type(cache).__name__}")
@@ -181,9 +234,11 @@ def generate(model: BemForCausalLM, prompts, max_new_tokens: int, *, cache: KVCa
     try:
         if cache is None:
             return _generate_uncached(model, rows, max_new_tokens, do_sample, temperature, top_k,
-                                      generator, eos_token_id, experts, head_temperature)
+                                      generator, eos_token_id, experts, head_temperature,
+                                      from_chunk)
         return _generate_cached(model, cache, rows, max_new_tokens, do_sample, temperature,
-                                top_k, generator, eos_token_id, experts, head_temperature)
+                                top_k, generator, eos_token_id, experts, head_temperature,
+                                from_chunk)
     finally:
         model.train(was_training)
 
@@ -193,7 +248,7 @@ def _done(new: list[int], max_new_tokens: int, eos: int | None) -> bool:
 
 
 def _generate_uncached(model, rows, max_new_tokens, do_sample, temperature, top_k, generator,
-                       eos, experts, head_temperature):
+                       eos, experts, head_temperature, from_chunk):
     device = model.lm_head.weight.device
     outs: list[list[int]] = [[] for _ in rows]
     while True:
@@ -203,8 +258,8 @@ def _generate_uncached(model, rows, max_new_tokens, do_sample, temperature, top_
         hist = [rows[b] + outs[b] for b in live]
         ids, valid = _padded(hist, device)
         pos = torch.arange(ids.shape[1], device=device).expand_as(ids)
-        temp = head_temperature[live] if head_temperature is not None else None
-        ctrl = _control(model, ids, pos, experts, temp)
+        ctrl = _control(model, ids, pos, _rows_of(experts, live), _rows_of(head_temperature, live),
+                        _rows_of(from_chunk, live))
         logits = model(ids, valid=valid, control=ctrl)
         last = torch.tensor([len(h) - 1 for h in hist], device=device)
         nxt = _next_tokens(logits[torch.arange(len(live)), last], do_sample, temperature, top_k,
@@ -214,16 +269,19 @@ def _generate_uncached(model, rows, max_new_tokens, do_sample, temperature, top_
 
 
 def _generate_cached(model, cache, rows, max_new_tokens, do_sample, temperature, top_k,
-                     generator, eos, experts, head_temperature):
+                     generator, eos, experts, head_temperature, from_chunk):
     device = model.lm_head.weight.device
     version = getattr(getattr(model, "bem_config", None), "version", 0)
     weights = weights_digest(model)
-    digests = [_request_digest(model, weights, head_temperature, b) for b in range(len(rows))]
+    # Chunks before a row's first shaped chunk run without temperatures: keyed without them.
+    unshaped = _request_digest(model, weights, None, 0)
+    shaped = [_request_digest(model, weights, head_temperature, b) for b in range(len(rows))]
+    first = from_chunk.tolist() if from_chunk is not None else [0] * len(rows)
     adapted = getattr(model, "bem_config", None) is not None
 
     def key(b: int, expert_row: torch.Tensor | None, chunk: int) -> RoutingKey:
         e = int(expert_row[chunk]) if expert_row is not None else (0 if adapted else -1)
-        return RoutingKey(e, digests[b], version)
+        return RoutingKey(e, shaped[b] if chunk >= first[b] else unshaped, version)
 
     outs: list[list[int]] = [[] for _ in rows]
     seqs: dict[int, int] = {}
@@ -231,7 +289,7 @@ def _generate_cached(model, cache, rows, max_new_tokens, do_sample, temperature,
         # Prefill: per-chunk experts of the whole prompt give the routing keys to match under.
         ids, _ = _padded(rows, device)
         pos_all = torch.arange(ids.shape[1], device=device).expand_as(ids)
-        full = _control(model, ids, pos_all, experts, head_temperature)
+        full = _control(model, ids, pos_all, experts, head_temperature, from_chunk)
         step_rows, step_pos, slots, counts = [], [], [], []
         for b, r in enumerate(rows):
             erow = full.experts[b] if full is not None and full.experts is not None else None
@@ -243,7 +301,7 @@ def _generate_cached(model, cache, rows, max_new_tokens, do_sample, temperature,
             counts.append(len(r) - pre.cached_tokens)
         live = list(range(len(rows)))
         positions, _ = _padded(step_pos, device)
-        ctrl = _control(model, ids, positions, experts, head_temperature)
+        ctrl = _control(model, ids, positions, experts, head_temperature, from_chunk)
         while True:
             step_ids, valid = _padded(step_rows, device)
             batch = AttentionBatch(positions, valid,
@@ -261,8 +319,9 @@ def _generate_cached(model, cache, rows, max_new_tokens, do_sample, temperature,
             hist, _ = _padded([rows[b] + outs[b] for b in live], device)
             positions = torch.tensor([[len(rows[b]) + len(outs[b]) - 1] for b in live],
                                      device=device)
-            temp = head_temperature[live] if head_temperature is not None else None
-            ctrl = _control(model, hist, positions, experts, temp)
+            ctrl = _control(model, hist, positions, _rows_of(experts, live),
+                            _rows_of(head_temperature, live),
+                            _rows_of(from_chunk, live))
             step_rows, slots, counts = [], [], []
             for i, b in enumerate(live):
                 erow = ctrl.experts[i] if ctrl is not None and ctrl.experts is not None else None

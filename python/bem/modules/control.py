@@ -31,12 +31,21 @@ class ChunkControl:
     experts: (B, C) int64 or None — expert of each chunk; −1 = no adapter (every chunk-routed
         module is the identity there).
     head_temperature: (B, G) float or None — V2's per-group gate temperatures, fixed per request.
+    rank_budget: (B, C) int64 or None — AR1's rank budget k of each chunk: routed LoRA experts use
+        their k most important rank components there (None: all of them).
+    delta_scale: (B, C) float or None — AR1's bias scale of each chunk, multiplying the routed
+        experts' delta (None: 1).
+    temperature_from_chunk: (B,) int64 or None — first chunk where head_temperature applies
+        (V2: the chunk of the query's first token; earlier chunks are unshaped). None: every chunk.
     """
 
     features: torch.Tensor
     token_chunk: torch.Tensor
     experts: torch.Tensor | None = None
     head_temperature: torch.Tensor | None = None
+    rank_budget: torch.Tensor | None = None
+    delta_scale: torch.Tensor | None = None
+    temperature_from_chunk: torch.Tensor | None = None
 
     def per_token(self, per_chunk: torch.Tensor) -> torch.Tensor:
         """(B, C, ...) → (B, T, ...): each token takes the value of its chunk."""
@@ -133,22 +142,39 @@ class ChunkController(nn.Module):
         emb = F.embedding(ids[:, :need], embedding).reshape(B, num_chunks - 1, cs, -1).mean(2)
         return torch.cat([default, F.rms_norm(emb, (emb.shape[-1],))], dim=1)
 
-    def route(self, features: torch.Tensor) -> torch.Tensor | None:
-        """(B, C, d) → (B, C) int64 expert per chunk, or None with one expert."""
+    def set_macro_router(self, router: nn.Module | None) -> None:
+        """Route with `router` instead of the linear argmax router (which is removed): a module
+        mapping features (B, C, d) to (experts (B, C) int64, rank_budget (B, C) int64 or None,
+        delta_scale (B, C) or None), deterministic and causal over chunks (chunk c's action may
+        only read features of chunks ≤ c), e.g. bem.router's AR1 router. Its parameters become
+        part of the model's (budget, weights digest). None: no router at all (the experts must
+        then be given explicitly, e.g. oracle routing)."""
+        self.router = None
+        self.macro_router = router
+
+    def route(self, features: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None,
+                                                     torch.Tensor | None]:
+        """(B, C, d) → (experts (B, C) int64 or None with one expert, rank_budget, delta_scale)."""
+        macro = getattr(self, "macro_router", None)
+        if macro is not None:
+            return macro(features)
         if self.router is None:
-            return None
-        return self.router(features).argmax(-1)
+            return None, None, None
+        return self.router(features).argmax(-1), None, None
 
     def control(self, ids: torch.Tensor, positions: torch.Tensor, embedding: torch.Tensor, *,
                 experts: torch.Tensor | int | None = None,
-                head_temperature: torch.Tensor | None = None) -> ChunkControl:
+                head_temperature: torch.Tensor | None = None,
+                temperature_from_chunk: torch.Tensor | None = None) -> ChunkControl:
         """Controls for the tokens at `positions` (B, T) of sequences whose history is `ids` (B, S)
         (S ≥ the start of each token's chunk). `experts` overrides the router: an int for every
-        chunk, or (B, C) per chunk."""
+        chunk, or (B, C) per chunk. `head_temperature` (B, G) and `temperature_from_chunk` (B,)
+        are passed through to the ChunkControl."""
         num_chunks = int(positions.max()) // self.chunk_size + 1
         feats = self.features(ids, embedding, num_chunks)
+        rank_budget = delta_scale = None
         if experts is None:
-            chosen = self.route(feats)
+            chosen, rank_budget, delta_scale = self.route(feats)
         elif isinstance(experts, int):
             chosen = torch.full(feats.shape[:2], experts, dtype=torch.int64, device=ids.device)
         else:
@@ -157,4 +183,5 @@ class ChunkController(nn.Module):
             raise ValueError(f"experts: expected at least {num_chunks} chunks per row, got "
                              f"{tuple(chosen.shape)}")
         return ChunkControl(feats, (positions // self.chunk_size).to(torch.int64), chosen,
-                            head_temperature)
+                            head_temperature, rank_budget=rank_budget, delta_scale=delta_scale,
+                            temperature_from_chunk=temperature_from_chunk)

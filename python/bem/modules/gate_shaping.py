@@ -58,7 +58,9 @@ class GateShaping(nn.Module):
 
     τ_g = floor + softplus(w_g · [margin, entropy] + b_g), initialised to τ = 1 (w = 0): positive
     with a gradient everywhere (unlike clamping a raw linear output). The temperatures are passed
-    to generation (``head_temperature``) and divide PT1's gate logits in every gated layer.
+    to generation (``head_temperature``) and divide PT1's gate logits in every gated layer, from
+    the chunk of the query's first token on (``temperature_from``; earlier chunks stay unshaped,
+    so their KV blocks are shared between questions over the same passages).
 
     Args:
         d_model: embedding width of the query/passage token vectors. num_groups: G (PT1 groups).

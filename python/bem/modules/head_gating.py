@@ -14,7 +14,9 @@ class HeadGating(base.LinearAdapter):
     g repeats, per feature, the gate of the feature's head group:
     ``g[c, j] = 1 + bound · tanh(z[c, j] / τ_j)``, ``z = W f_c + b`` from chunk c's control
     feature f_c (W, b zero-initialised: the identity at init). τ (B, G) comes from V2's gate
-    shaping (ChunkControl.head_temperature) and is 1 without it. Gating uses bem.ops.film.
+    shaping (ChunkControl.head_temperature) and is 1 without it; with
+    ChunkControl.temperature_from_chunk (B,) row b uses τ only in chunks c ≥ its value and 1 before
+    (so the chunks before a request's query stay cache-shareable). Gating uses bem.ops.film.
 
     Args:
         base_layer: the attention output projection (nn.Linear / Conv1D), d_in = H·d_head.
@@ -41,14 +43,27 @@ class HeadGating(base.LinearAdapter):
         nn.init.zeros_(self.gate_proj.weight)
         nn.init.zeros_(self.gate_proj.bias)
 
-    def gates(self, features: torch.Tensor, temperature: torch.Tensor | None) -> torch.Tensor:
-        """features (B, C, d_ctrl), temperature (B, G) or None → gates (B, C, G)."""
+    def gates(self, features: torch.Tensor, temperature: torch.Tensor | None,
+              from_chunk: torch.Tensor | None = None) -> torch.Tensor:
+        """features (B, C, d_ctrl), temperature (B, G) or None, from_chunk (B,) int or None →
+        gates (B, C, G). Chunk c of row b divides its logits by temperature[b] when
+        c ≥ from_chunk[b] (every chunk when from_chunk is None), and is unshaped before."""
         z = self.gate_proj(features)
         if temperature is not None:
-            if tuple(temperature.shape) != (z.shape[0], self.num_groups):
+            B, C = z.shape[:2]
+            if tuple(temperature.shape) != (B, self.num_groups):
                 raise ValueError(f"HeadGating: head_temperature: expected shape "
-                                 f"({z.shape[0]}, {self.num_groups}), got {tuple(temperature.shape)}")
-            z = z / temperature.to(z.dtype)[:, None, :]
+                                 f"({B}, {self.num_groups}), got {tuple(temperature.shape)}")
+            t = temperature.to(z.dtype)[:, None, :]                          # (B, 1, G)
+            if from_chunk is not None:
+                dt = from_chunk.dtype
+                if tuple(from_chunk.shape) != (B,) or dt.is_floating_point or dt.is_complex or \
+                        dt == torch.bool:
+                    raise ValueError(f"HeadGating: temperature_from_chunk: expected a ({B},) int "
+                                     f"tensor, got {from_chunk.dtype} {tuple(from_chunk.shape)}")
+                shaped = torch.arange(C, device=z.device) >= from_chunk.to(z.device)[:, None]
+                t = torch.where(shaped[..., None], t, torch.ones_like(t))    # (B, C, G)
+            z = z / t
         return 1.0 + self.bound * torch.tanh(z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +73,8 @@ class HeadGating(base.LinearAdapter):
                              f"{tuple(x.shape)}")
         ctrl = current_control("HeadGating", x)
         g = ctrl.per_token(ctrl.keep_base(self.gates(ctrl.features.to(x.dtype),
-                                                     ctrl.head_temperature), 1.0))
+                                                     ctrl.head_temperature,
+                                                     ctrl.temperature_from_chunk), 1.0))
         gamma = g.repeat_interleave(self.d_in // self.num_groups, dim=-1)
         return self.base_layer(base.film(x, gamma, x.new_zeros(self.d_in)))
 

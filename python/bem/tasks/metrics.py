@@ -11,7 +11,7 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
 
 # The answer formats a task can require, each with its validity test.
-FORMATS = ("number", "word", "json", "bracket")
+FORMATS = ("number", "word", "json", "bracket", "signed")
 
 
 def normalize(text: str) -> str:
@@ -41,7 +41,8 @@ def token_f1(prediction: str, reference: str) -> float:
 def format_valid(prediction: str, fmt: str) -> float:
     """1.0 when `prediction` has the required format: "number" an optionally signed integer,
     "word" one token of letters, "json" an object {"answer": <string>} and nothing else,
-    "bracket" the form [[...]] with a non-empty inside."""
+    "bracket" the form [[...]] with a non-empty inside, "signed" an answer then one word of
+    lower-case letters (the adaptation domains' sign-off)."""
     text = prediction.strip()
     if fmt == "number":
         return float(re.fullmatch(r"-?\d+", text) is not None)
@@ -55,6 +56,8 @@ def format_valid(prediction: str, fmt: str) -> float:
         return float(isinstance(obj, dict) and set(obj) == {"answer"} and isinstance(obj["answer"], str))
     if fmt == "bracket":
         return float(re.fullmatch(r"\[\[[^\[\]]+\]\]", text) is not None)
+    if fmt == "signed":
+        return float(re.fullmatch(r"\S+ [a-z]+", text) is not None)
     raise ValueError(f"fmt: expected one of {FORMATS}, got {fmt!r}")
 
 

@@ -1,7 +1,9 @@
-"""The embedded default task suite, generated in code: evidence QA over fact lines with distractors
-(several questions per passage set, as in retrieval-augmented use), multi-digit arithmetic, string
-transforms, and format-constrained answers. Deterministic per (version, seed, split); splits are
-disjoint by construction (an example's split is a hash of its prompt, or of its passage set)."""
+"""The embedded default task suite, generated in code: the pre-training mixture of general skills
+(evidence QA over fact lines with distractors, several questions per passage set as in
+retrieval-augmented use; multi-digit arithmetic; string transforms; format-constrained answers;
+and questions behind a neutral document chunk, in one or two parts) and the adaptation domains of
+bem.tasks.domains. Deterministic per (version, seed, split); splits are disjoint by construction
+(an example's split is a hash of its prompt, or of its passage set)."""
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +12,8 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
-SUITE_VERSION = 2
-TASKS = ("evidence_qa", "arithmetic", "string_transform", "format")
+SUITE_VERSION = 3
+TASKS = ("evidence_qa", "arithmetic", "string_transform", "format", "documented")
 SPLITS = ("train", "validation", "test")
 
 _SYLLABLES = ("ka", "lo", "mir", "ta", "ven", "so", "dra", "ul", "pe", "ri", "no", "gas", "be",
@@ -23,15 +25,28 @@ _ATTRIBUTES = ("mayor", "river", "founded")
 class Example:
     """One prompt with its reference answer. `fmt` is the answer format the metrics check
     (see bem.tasks.metrics.FORMATS); `group` is shared by examples whose prompts share a prefix
-    (the questions over one passage set)."""
+    (the questions over one passage set, or the parts of one multi-part sequence).
+
+    domain: the adaptation domain in force for this question (bem.tasks.domains.DOMAINS), "" for
+    the general skills. history: the earlier parts of a multi-part sequence, as (prompt, answer,
+    domain) triples with their reference answers; bem.tasks.layout puts each part on chunk
+    boundaries (see there). part: index of this question's part (= len(history))."""
     task: str
     prompt: str
     answer: str
     fmt: str
     group: str
+    domain: str = ""
+    history: tuple[tuple[str, str, str], ...] = ()
 
-    def to_dict(self) -> dict[str, str]:
-        return asdict(self)
+    @property
+    def part(self) -> int:
+        return len(self.history)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["history"] = [list(h) for h in self.history]
+        return d
 
 
 def _split_of(key: str) -> str:
@@ -118,9 +133,15 @@ def _format(rng: random.Random) -> list[Example]:
     return [Example("format", prompt, f"[[{inner}]]", "bracket", "fm-" + prompt)]
 
 
+def _documented(rng: random.Random) -> list[Example]:
+    from bem.tasks.domains import documented   # domains builds on this module's generators
+
+    return documented(rng)
+
+
 _GENERATORS: dict[str, Callable[[random.Random], list[Example]]] = {
     "evidence_qa": _evidence_qa, "arithmetic": _arithmetic,
-    "string_transform": _string_transform, "format": _format,
+    "string_transform": _string_transform, "format": _format, "documented": _documented,
 }
 
 
