@@ -55,17 +55,18 @@ def test_end_to_end_writes_a_consistent_folder(finished):
     state = json.loads((folder / STATE).read_text())
     assert state["completed"] == STAGES
     results = load_results(folder / "results.json")          # the acceptance schema, strictly
-    assert [v.name for v in results.variants] == ["V2", "full", "AR1", "per_request"]
-    assert [v.kind for v in results.variants] == ["adapter", "adapter", "router", "adapter"]
+    assert [v.name for v in results.variants] == ["V2", "full", "AR1"]
+    assert [v.kind for v in results.variants] == ["adapter", "adapter", "router"]
     assert len(results.example_ids) == TINY.eval_single + 2 * TINY.eval_switch
-    assert {v.name for v in outcome.report.variants} == {"V2", "full", "AR1", "per_request"}
+    assert {v.name for v in outcome.report.variants} == {"V2", "full", "AR1"}
     assert all(v.decision in ("PROMOTE", "REJECT") and (v.decision == "PROMOTE") == (not v.reasons)
                for v in outcome.report.variants)
     acceptance = json.loads((folder / "acceptance.json").read_text())
     assert acceptance["schema"] == "bem.acceptance.report"
     report = (folder / "report.md").read_text()
     for text in ("## The base model", "## Verdicts", "deltas.png", "overheads.png", "switched",
-                 "## Adaptation domains", "## Routing telemetry", "AR1: domain × expert"):
+                 "## Adaptation domains", "## Routing telemetry", "AR1: domain × expert",
+                 "| AR1 − per_request |"):
         assert text in report
     routing = json.loads((folder / "systems" / "AR1" / "eval.json").read_text())["routing"]
     assert routing["avg_plan_length"] <= 3 and set(routing["domain_expert"]) == set(DOMAINS)
@@ -83,7 +84,7 @@ def test_results_hold_what_was_measured(finished):
         assert system["scores"]["exact_match"] == ev["scores"]["exact_match"]
         assert system["kv_cache_hit_rate"] == ev["kv_cache_hit_rate"]
         assert 0 < system["latency_p50_ms"] <= max(ev["latency_ms_per_token"])
-    # Evidence-QA questions over the same passages reuse cached prefix blocks.
+    # The second part of a switching sequence reuses the first part's cached blocks.
     assert doc["baseline"]["kv_cache_hit_rate"] > 0
     assert outcome.report.to_dict() == validate(outcome.results_path,
                                                 {"n_resamples": 200, "seed": 0}).to_dict()

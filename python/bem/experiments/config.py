@@ -14,6 +14,10 @@ from bem.model import TransformerConfig
 VARIANTS = ("V1", "V2", "V3", "V4", "full", "AR1", "per_request", "oracle")
 # The routed systems: the same four LoRA experts, routed by AR1, per request, or by the oracle.
 ROUTED = ("AR1", "per_request", "oracle")
+# References reported next to AR1 but not validated (not candidates for promotion): per-request
+# routing shares AR1's experts without its policy (so it is under budget), the oracle reads the
+# true domains.
+REFERENCES = ("per_request", "oracle")
 VARIANT_TITLES = {"V1": "PT1 + dynamic-rank LoRA", "V2": "PT1 + gate shaping",
                   "V3": "Kronecker adapter (MLP down)", "V4": "residual FiLM (MLP)",
                   "full": "full stack (PT1 + V1 + V2 + V3 + V4)",

@@ -124,6 +124,34 @@ def _adaptation_section(examples, base_eval: dict, evals: dict[str, Evaluation])
     return lines + [""]
 
 
+def _comparisons_section(evals: dict[str, Evaluation], n_resamples: int, seed: int
+                         ) -> list[str]:
+    """Paired exact-match differences between the routed systems and the references (BCa 95%
+    intervals): what routing per chunk adds over one adapter per request and over the static
+    baseline, and how far it stays from the oracle."""
+    from bem.stats import bca_interval
+
+    pairs = [(a, b) for a, b in (("AR1", BASELINE), ("AR1", "per_request"), ("oracle", "AR1"),
+                                 ("per_request", BASELINE), ("oracle", BASELINE))
+             if a in evals and b in evals]
+    if not pairs:
+        return []
+    lines = ["## Routing against the references (exact match, paired, BCa 95%)", "",
+             "per_request and oracle share AR1's experts; they are references, not candidates "
+             "(not validated).", "", "| comparison | mean Δ | CI lower | CI upper |",
+             "|---|---:|---:|---:|"]
+    for a, b in pairs:
+        x = np.asarray(evals[a].scores["exact_match"])
+        y = np.asarray(evals[b].scores["exact_match"])
+        if np.all(x == y):
+            lines.append(f"| {a} − {b} | +0.0000 | — | — |")
+            continue
+        ci = bca_interval(x, paired_with=y, n_resamples=n_resamples, seed=seed)
+        lines.append(f"| {a} − {b} | {ci.observed:+.4f} | {_fmt(ci.lower, 4)} | "
+                     f"{_fmt(ci.upper, 4)} |")
+    return lines + [""]
+
+
 def _routing_section(routing: dict[str, dict | None]) -> list[str]:
     """Routing telemetry of the routed systems (AR1, per request, oracle)."""
     routing = {k: v for k, v in routing.items() if v}
@@ -207,7 +235,8 @@ def _verdict_section(report: AcceptanceReport) -> list[str]:
 def write_report_folder(folder: Path, state: dict, report: AcceptanceReport, examples,
                         base_eval: dict, evals: dict[str, Evaluation],
                         budgets: dict[str, BudgetRow], *, machine: str,
-                        routing: dict[str, dict | None] | None = None) -> Path:
+                        routing: dict[str, dict | None] | None = None, n_resamples: int = 10_000,
+                        seed: int = 0) -> Path:
     """Write deltas.png, overheads.png and report.md into `folder` (atomically). Returns the
     report's path."""
     atomic_write(folder / "deltas.png", plot_deltas(report))
@@ -226,6 +255,7 @@ def write_report_folder(folder: Path, state: dict, report: AcceptanceReport, exa
     lines += _base_section(state, base_eval)
     lines += _systems_section(evals, budgets, state["target_parameters"])
     lines += _adaptation_section(examples, base_eval, evals)
+    lines += _comparisons_section(evals, n_resamples, seed)
     lines += _routing_section(routing or {})
     lines += ["## Acceptance gates (bem validate)", "", report.to_markdown(), ""]
     path = folder / "report.md"

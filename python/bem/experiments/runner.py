@@ -20,7 +20,7 @@ import torch
 
 from bem.experiments.base_model import load_or_pretrain
 from bem.experiments.ar1 import routing_telemetry, train_routed
-from bem.experiments.config import BASELINE, ROUTED, RunConfig
+from bem.experiments.config import BASELINE, REFERENCES, ROUTED, RunConfig
 from bem.experiments.evaluation import METRICS, Evaluation, evaluate, per_task
 from bem.experiments.routing import answer_correct, oracle_experts
 from bem.experiments.systems import BudgetRow, SystemSpec, build, plan_systems, trainable
@@ -193,8 +193,9 @@ def _variant_entry(name: str, budget: BudgetRow, ev: Evaluation, routing: dict |
 def results_document(experiment: str, examples, budgets: dict[str, BudgetRow],
                      evals: dict[str, Evaluation], variants: list[str],
                      routing: dict[str, dict | None] | None = None) -> dict:
-    """results.json in the bem.acceptance.results schema (version 1). The oracle (a ceiling that
-    reads the true domains) is reported, never validated: it is left out here."""
+    """results.json in the bem.acceptance.results schema (version 1). The references — per-request
+    routing and the oracle (a ceiling that reads the true domains) — share AR1's experts and are
+    reported next to it, not validated: they are left out here."""
     routing = routing or {}
     return {"schema": "bem.acceptance.results", "schema_version": 1, "experiment": experiment,
             "example_ids": [f"{ex.task}-{i:04d}" for i, ex in enumerate(examples)],
@@ -202,7 +203,7 @@ def results_document(experiment: str, examples, budgets: dict[str, BudgetRow],
             "primary_metric": PRIMARY_METRIC,
             "baseline": _system_entry(BASELINE, budgets[BASELINE], evals[BASELINE]),
             "variants": [_variant_entry(v, budgets[v], evals[v], routing.get(v))
-                         for v in variants if v != "oracle"]}
+                         for v in variants if v not in REFERENCES]}
 
 
 def execute(run: Run, *, device: torch.device, progress: bool = True,
@@ -338,7 +339,8 @@ def execute(run: Run, *, device: torch.device, progress: bool = True,
         t = stage("report")
         write_report_folder(folder, run.state, report, examples,
                             _read_json(folder / "base_eval.json"), evals, budgets,
-                            machine=machine_description(device), routing=routing)
+                            machine=machine_description(device), routing=routing,
+                            n_resamples=cfg.n_resamples, seed=cfg.seed)
         run.complete("report", time.perf_counter() - t)
     return RunOutcome(folder, results_path, report, report_path)
 

@@ -78,6 +78,9 @@ class LoRA(base.LinearAdapter):
         with torch.no_grad():
             importance = B.norm(dim=1) * A.norm(dim=2)                       # (E, r)
             order = importance.argsort(dim=1, descending=True)               # (E, r)
+        if experts is not None and int(experts.max()) >= E:
+            raise IndexError(f"LoRA: experts: expert id {int(experts.max())} out of range for "
+                             f"{E} experts")
         e_tok = (experts if experts is not None else torch.zeros(n, dtype=torch.int64,
                                                                  device=dev)).clamp(min=0)
         per_token = ((lambda t: ctrl.per_token(t).reshape(-1)) if ctrl is not None and
@@ -103,7 +106,10 @@ class LoRA(base.LinearAdapter):
     def delta_weight(self) -> torch.Tensor:
         if self.num_experts != 1:
             raise TypeError(f"LoRA: cannot merge {self.num_experts} routed experts into one weight")
-        return self.scale * (self.lora_B[0] @ self.lora_A[0])
+        dw = self.scale * (self.lora_B[0] @ self.lora_A[0])
+        if self.trust_region is not None:        # the forward's projection, folded in
+            dw = dw * projection_factor(torch.linalg.matrix_norm(dw), self.trust_region)
+        return dw
 
     def adapter_flops(self, num_tokens: int, num_chunks: int) -> int:
         return 2 * num_tokens * self.rank * (self.d_in + self.d_out)
