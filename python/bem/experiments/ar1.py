@@ -105,8 +105,9 @@ def _features(model, batch: Sequence[Example]) -> torch.Tensor:
 def train_ar1(model, router: AR1Router, examples: Sequence[Example], *, iterations: int,
               batch_size: int, seed: int, progress: bool = True) -> list[dict]:
     """TRPO on the frozen experts: each iteration samples plans for `batch_size` whole
-    sequences, executes them (hysteresis and plan length included), scores every part, and
-    updates the policy (TRPO), the critic and the Q-head. Returns one log row per iteration."""
+    sequences, executes them (plan length enforced; hysteresis off while training, so the
+    Q-head learns the value of switching too), scores every part, and updates the policy (TRPO),
+    the critic and the Q-head. Returns one log row per iteration."""
     from tqdm.auto import tqdm
 
     seqs = whole_sequences(examples)
@@ -118,7 +119,7 @@ def train_ar1(model, router: AR1Router, examples: Sequence[Example], *, iteratio
         idx = torch.randint(len(seqs), (batch_size,), generator=gen).tolist()
         batch = [seqs[i] for i in idx]
         feats = _features(model, batch)
-        actions, _, stats = router.plan(feats, greedy=False, generator=gen)
+        actions, _, stats = router.plan(feats, greedy=False, generator=gen, hysteresis=False)
         rewards = part_rewards(model, batch, router.engine.fields(actions, dtype=feats.dtype))
         S, A, R, D, X = [], [], [], [], []
         for b, ex in enumerate(batch):

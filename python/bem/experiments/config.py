@@ -72,7 +72,7 @@ class RunConfig:
     budget_fraction: float = 0.03
     flops_seq_len: int = 256
     n_resamples: int = 10_000
-    ar1_iterations: int = 40
+    ar1_iterations: int = 200
     ar1_batch_size: int = 64
     trust_region: float = 1.0
 

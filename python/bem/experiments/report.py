@@ -95,7 +95,7 @@ def _base_section(state: dict, base_eval: dict) -> list[str]:
              f"{m['loss_last']:.3f}, {m['train_seconds']:.0f} s "
              f"({'loaded from the cache' if m['cached'] else 'trained in this run'}; cache key "
              f"`{m['key']}`).", "",
-             "Its own scores on the held-out test split (greedy, no adapter):", "",
+             "Its own scores on the held-out adaptation test split (greedy, no adapter):", "",
              "| task | n | exact match | token F1 | format validity |", "|---|---:|---:|---:|---:|"]
     for task, row in base_eval["per_task"].items():
         lines.append(f"| {task} | {row['n']} | {_fmt(row['exact_match'])} | "
@@ -104,6 +104,11 @@ def _base_section(state: dict, base_eval: dict) -> list[str]:
     lines.append(f"| **all** | {len(s['exact_match'])} | {_fmt(float(np.mean(s['exact_match'])))} | "
                  f"{_fmt(float(np.mean(s['token_f1'])))} | "
                  f"{_fmt(float(np.mean(s['format_valid'])))} |")
+    general = base_eval.get("general_teacher_forced")
+    if general:
+        lines += ["", "Its general skills (the pre-training tasks, 40 test examples each, "
+                  "teacher-forced exact match): " + ", ".join(
+                      f"{task} {_fmt(v)}" for task, v in general.items()) + "."]
     return lines + [""]
 
 

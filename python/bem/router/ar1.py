@@ -32,12 +32,16 @@ class AR1Router(nn.Module):
         self.last_stats: PlanStats | None = None
 
     def plan(self, features: torch.Tensor, *, greedy: bool = True,
-             generator: torch.Generator | None = None
+             generator: torch.Generator | None = None, hysteresis: bool = True
              ) -> tuple[torch.Tensor, torch.Tensor, PlanStats]:
-        """bem.router.plan with this router's policy, Q-head and margins."""
+        """bem.router.plan with this router's policy, Q-head and margins. hysteresis=False
+        executes every proposal (plan length still enforced): used while training, so the
+        Q-head also sees the returns of switching, which hysteresis would otherwise never let
+        happen while Q is untrained."""
         return plan(self.policy, features.to(self.policy.net_dtype), greedy=greedy,
-                    generator=generator, switch_cost=self.switch_cost, tau=self.tau,
-                    max_plan_length=self.max_plan_length, q_fn=self.q)
+                    generator=generator, switch_cost=self.switch_cost if hysteresis else 0.0,
+                    tau=self.tau if hysteresis else 0.0, max_plan_length=self.max_plan_length,
+                    q_fn=self.q if hysteresis else None)
 
     def forward(self, features: torch.Tensor):
         actions, _, stats = self.plan(features)
