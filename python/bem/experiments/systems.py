@@ -15,7 +15,7 @@ from torch import nn
 
 from bem.attach import ROLES, AdapterSpec, BemConfig, attach
 from bem.budget import count
-from bem.experiments.config import BASELINE, ROUTED
+from bem.experiments.config import BASELINE, REFERENCES, ROUTED
 from bem.model import BemForCausalLM
 from bem.modules.gate_shaping import GateShaping
 
@@ -236,6 +236,8 @@ def plan_systems(base: BemForCausalLM, variants: tuple[str, ...], budget_fractio
         budgets[s.name] = BudgetRow(s.name, trainable(m), count(m, flops_seq_len).model_flops_per_token)
     ref = budgets[BASELINE]
     for s in specs[1:]:
+        if s.name in REFERENCES:         # reported, not validated: no budget gate applies
+            continue
         b = budgets[s.name]
         for what, a, r in (("trainable parameters", b.trainable_parameters,
                             ref.trainable_parameters),
