@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bem.experiments.routing import EXPERT_OF
+from bem.experiments.routing import EXPERT_OF, answer_spans
 from bem.experiments.training import lm_batch, training_ids
 from bem.modules.control import CHUNK_SIZE
 from bem.router import TRPO, ActionSpace, gae
@@ -62,19 +62,6 @@ def whole_sequences(examples: Sequence[Example]) -> list[Example]:
     return list(last.values())
 
 
-def _answer_spans(ex: Example) -> list[tuple[int, int]]:
-    """(start, end) target indices of every part's answer and EOS in training_ids(ex)."""
-    _, is_answer = training_ids(ex)
-    spans, start = [], None
-    for i, a in enumerate(is_answer + [False]):
-        if a and start is None:
-            start = i
-        elif not a and start is not None:
-            spans.append((start - 1, i - 1))
-            start = None
-    return spans
-
-
 @torch.no_grad()
 def part_rewards(model, batch: Sequence[Example], fields) -> list[list[float]]:
     """Teacher-forced exact match of every part of every sequence under per-chunk controls
@@ -88,7 +75,7 @@ def part_rewards(model, batch: Sequence[Example], fields) -> list[list[float]]:
     control = dataclasses.replace(control, rank_budget=rank_budget, delta_scale=delta_scale)
     pred = model(ids, valid=valid, control=control)[:, :-1].argmax(-1)
     hit = pred == targets
-    return [[float(hit[b, s:e].all()) for s, e in _answer_spans(ex)] for b, ex in enumerate(batch)]
+    return [[float(hit[b, s:e].all()) for s, e in answer_spans(ex)] for b, ex in enumerate(batch)]
 
 
 def _chunks(ex: Example) -> int:

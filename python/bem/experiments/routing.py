@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from bem.experiments.training import TOKENIZER, lm_batch, prompt_ids, training_ids
+from bem.experiments.training import lm_batch, training_ids
 from bem.modules.control import CHUNK_SIZE
 from bem.tasks import DOMAINS, Example, part_chunks
 
@@ -32,6 +32,20 @@ def oracle_experts(examples: Sequence[Example], num_chunks: int | None = None) -
     """(B, C) int64 causal-oracle experts of a batch, C = the longest sequence's chunks."""
     n = num_chunks or max(-(-len(training_ids(ex)[0]) // CHUNK_SIZE) for ex in examples)
     return torch.tensor([causal_oracle(ex, n) for ex in examples], dtype=torch.int64)
+
+
+def answer_spans(ex: Example) -> list[tuple[int, int]]:
+    """(start, end) next-token target indices of every part's answer and EOS in
+    training_ids(ex), in order (the last one is the current part's)."""
+    _, is_answer = training_ids(ex)
+    spans, start = [], None
+    for i, a in enumerate(is_answer + [False]):
+        if a and start is None:
+            start = i
+        elif not a and start is not None:
+            spans.append((start - 1, i - 1))
+            start = None
+    return spans
 
 
 @torch.no_grad()
@@ -58,9 +72,8 @@ def answer_correct(model, examples: Sequence[Example], *, experts: torch.Tensor 
             control = ctl.control(ids, pos, model.get_input_embeddings().weight, experts=e)
         pred = model(ids, valid=valid, control=control)[:, :-1].argmax(-1)
         for b, ex in enumerate(batch):
-            start = len(prompt_ids(ex)) - 1            # target index of the first answer token
-            n = len(TOKENIZER.encode(ex.answer)) + 1
-            out.append(bool((pred[b, start:start + n] == targets[b, start:start + n]).all()))
+            start, end = answer_spans(ex)[-1]
+            out.append(bool((pred[b, start:end] == targets[b, start:end]).all()))
     model.train(was)
     return np.array(out)
 
