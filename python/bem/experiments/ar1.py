@@ -24,7 +24,6 @@ log = logging.getLogger("bem")
 
 NUM_EXPERTS = len(DOMAINS)
 SWITCH_PENALTY = 0.05      # reward cost of changing the action between chunks
-TRUST_REGION = 1.0         # τ of ‖ΔW‖_F ≤ τ (the seed's)
 BIAS_SCALES = (0.5, 1.0)
 
 
