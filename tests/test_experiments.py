@@ -24,13 +24,14 @@ TINY_MODEL = TransformerConfig(vocab_size=260, d_model=32, n_layers=1, n_heads=2
                                max_positions=320)
 TINY = RunConfig(model=TINY_MODEL,
                  pretrain=PretrainConfig(steps=3, batch_tokens=128, n_per_task=6, warmup=1),
-                 variants=("V2", "full", "AR1", "per_request", "oracle"), train_steps=2,
+                 variants=("V2", "full", "AR1", "full_AR1", "per_request", "oracle"),
+                 train_steps=2,
                  train_batch_size=4, train_single=6, train_switch=3, eval_single=2,
                  eval_switch=1, max_new_tokens=3, budget_fraction=0.3, n_resamples=200,
                  ar1_iterations=2, ar1_batch_size=4)
 STAGES = ["base", "base_eval", "plan", "train:experts", "train:baseline", "eval:baseline",
           "train:V2", "eval:V2", "train:full", "eval:full", "train:AR1", "eval:AR1",
-          "train:per_request", "eval:per_request", "train:oracle", "eval:oracle", "results",
+          "train:full_AR1", "eval:full_AR1", "train:per_request", "eval:per_request", "train:oracle", "eval:oracle", "results",
           "validate", "report"]
 
 
@@ -55,10 +56,10 @@ def test_end_to_end_writes_a_consistent_folder(finished):
     state = json.loads((folder / STATE).read_text())
     assert state["completed"] == STAGES
     results = load_results(folder / "results.json")          # the acceptance schema, strictly
-    assert [v.name for v in results.variants] == ["V2", "full", "AR1"]
-    assert [v.kind for v in results.variants] == ["adapter", "adapter", "router"]
+    assert [v.name for v in results.variants] == ["V2", "full", "AR1", "full_AR1"]
+    assert [v.kind for v in results.variants] == ["adapter", "adapter", "router", "router"]
     assert len(results.example_ids) == TINY.eval_single + 2 * TINY.eval_switch
-    assert {v.name for v in outcome.report.variants} == {"V2", "full", "AR1"}
+    assert {v.name for v in outcome.report.variants} == {"V2", "full", "AR1", "full_AR1"}
     assert all(v.decision in ("PROMOTE", "REJECT") and (v.decision == "PROMOTE") == (not v.reasons)
                for v in outcome.report.variants)
     acceptance = json.loads((folder / "acceptance.json").read_text())
@@ -66,7 +67,7 @@ def test_end_to_end_writes_a_consistent_folder(finished):
     report = (folder / "report.md").read_text()
     for text in ("## The base model", "## Verdicts", "deltas.png", "overheads.png", "switched",
                  "## Adaptation domains", "## Routing telemetry", "AR1: domain × expert",
-                 "| AR1 − per_request |"):
+                 "| AR1 − per_request |", "full_AR1: domain × expert", "| full_AR1 − full |"):
         assert text in report
     routing = json.loads((folder / "systems" / "AR1" / "eval.json").read_text())["routing"]
     assert routing["avg_plan_length"] <= 3 and set(routing["domain_expert"]) == set(DOMAINS)

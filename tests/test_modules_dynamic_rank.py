@@ -44,6 +44,32 @@ def test_matches_dense_masked_formula(mode, E):
 
 
 @pytest.mark.parametrize("mode", ["chunk", "token"])
+def test_ar1_rank_budget_and_bias_scale(mode):
+    """AR1's controls: a chunk's rank budget b keeps the first min(b, k) of the top-k components
+    (score order), its bias scale multiplies the delta, expert −1 turns the module off."""
+    import dataclasses
+
+    m, base, ctrl, x = _setup(mode, 3, 11)
+    budget = torch.tensor([[1, 3, 2], [5, 1, 1]])
+    scale = torch.tensor([[0.5, 1.0, 2.0], [1.0, 0.25, 0.5]], dtype=torch.float64)
+    experts = ctrl.experts.clone()
+    experts[1, 2] = -1
+    ctrl = dataclasses.replace(ctrl, experts=experts, rank_budget=budget, delta_scale=scale)
+    with use_control(ctrl):
+        y = m(x)
+    src = ctrl.per_token(ctrl.features) if mode == "chunk" else x
+    top = m.predictor(src).topk(K, dim=-1).indices                       # (B, T, K) by score
+    keep = torch.arange(K) < ctrl.per_token(budget).clamp(max=K)[..., None]
+    mask = torch.zeros(*x.shape[:2], R, dtype=torch.float64).scatter_(-1, top, keep.double())
+    e = ctrl.per_token(experts)
+    A, Bm = m.lora_A[e.clamp(min=0)], m.lora_B[e.clamp(min=0)]
+    h = torch.einsum("btri,bti->btr", A, x) * mask
+    delta = 5.0 / R * torch.einsum("btor,btr->bto", Bm, h) * ctrl.per_token(scale)[..., None]
+    want = base(x) + delta * (e >= 0)[..., None]
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["chunk", "token"])
 def test_straight_through_reaches_predictor(mode):
     m, _, ctrl, x = _setup(mode, 1, 8)
     idx, gate = m.select(m.predictor(ctrl.features if mode == "chunk" else x))

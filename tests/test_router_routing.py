@@ -319,3 +319,33 @@ def test_explicit_experts_override_ar1(ar1):
 def test_bad_experts_tensor(ar1, bad):
     with pytest.raises(ValueError, match="experts"):
         generate(ar1, _prompts(lengths=(60, 130)), NEW, experts=bad)
+
+
+def test_full_stack_with_ar1_cached_generation_equals_uncached():
+    """full_AR1's shape: the full stack with dynamic-rank experts routed by AR1 (rank budget
+    within the active k, bias scale, "no adapter"): cached generation equals recomputation while
+    the plan changes actions at chunk boundaries crossed during decoding."""
+    from bem.attach import ROLES
+
+    roles = ROLES["llama"]
+    torch.manual_seed(MODEL_SEED)
+    m = BemForCausalLM(CFG)
+    attach(m, BemConfig([AdapterSpec("head_gating", roles["attn_out"]),
+                         AdapterSpec("dynamic_rank", roles["attn_in"],
+                                     {"rank": 4, "active": 2, "alpha": 8.0}),
+                         AdapterSpec("kronecker", roles["mlp_down"]),
+                         AdapterSpec("film", roles["mlp"], {"d_hidden": 4})], num_experts=E))
+    gen = torch.Generator().manual_seed(MODEL_SEED + 1)
+    with torch.no_grad():                    # adapters far from their identity init
+        for p in m.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    attach_router(m, "AR1")
+    router = m.bem_controller.macro_router
+    assert router.action_space == action_space(2)        # budgets up to the active k
+    _randomise(router, gen, 2.0)
+    prompts = _prompts()
+    cached = generate(m, prompts, NEW, cache=new_kv_cache(m, 32))
+    assert cached == generate(m, prompts, NEW)
+    actions = {tuple(zip(*_route(m, p + o))) for p, o in zip(prompts, cached)}
+    assert len({a for plan in actions for a in plan}) > 2    # guard: the plans do change actions

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bem.experiments.config import AR1_SYSTEMS
 from bem.experiments.routing import EXPERT_OF, answer_spans
-from bem.experiments.training import lm_batch, training_ids
+from bem.experiments.training import batch_control, lm_batch, train_lm, training_ids
 from bem.modules.control import CHUNK_SIZE
 from bem.router import TRPO, ActionSpace, gae
 from bem.router.ar1 import AR1Router, PerRequestRouter
@@ -34,14 +35,18 @@ def action_space(max_rank: int) -> ActionSpace:
 
 
 def attach_router(model, name: str) -> None:
-    """Give the experts-attached `model` the router of system `name`: "AR1" (AR1Router),
-    "per_request" (PerRequestRouter) or "oracle" (none: experts are passed explicitly)."""
+    """Give the experts-attached `model` the router of system `name`: "AR1" (AR1Router, whose
+    rank budgets go up to the routed modules' largest rank: a LoRA's r, a dynamic-rank LoRA's
+    active k), "per_request" (PerRequestRouter) or "oracle" (none: experts are passed
+    explicitly)."""
+    from bem.modules.dynamic_rank import DynamicRankLoRA
     from bem.modules.lora import LoRA
 
     ctl = model.bem_controller
     ref = model.lm_head.weight
     if name == "AR1":
-        max_rank = max(m.rank for m in model.modules() if isinstance(m, LoRA))
+        max_rank = max(m.rank if isinstance(m, LoRA) else m.active for m in model.modules()
+                       if isinstance(m, (LoRA, DynamicRankLoRA)) and m.num_experts > 1)
         router = AR1Router(action_space(max_rank), ctl.d_model)
     elif name == "per_request":
         router = PerRequestRouter(ctl.d_model, NUM_EXPERTS)
@@ -67,10 +72,8 @@ def part_rewards(model, batch: Sequence[Example], fields) -> list[list[float]]:
     `fields` = (experts, rank_budget, delta_scale), each (B, C)."""
     device = model.lm_head.weight.device
     ids, valid, targets, _ = lm_batch(batch, 0.0, device)
-    pos = torch.arange(ids.shape[1], device=device).expand_as(ids)
-    ctl = model.bem_controller
     experts, rank_budget, delta_scale = fields
-    control = ctl.control(ids, pos, model.get_input_embeddings().weight, experts=experts)
+    control, _ = batch_control(model, batch, ids, experts)
     control = dataclasses.replace(control, rank_budget=rank_budget, delta_scale=delta_scale)
     pred = model(ids, valid=valid, control=control)[:, :-1].argmax(-1)
     hit = pred == targets
@@ -173,7 +176,7 @@ def _routing_fields(model, name: str, batch: Sequence[Example]):
         return (oracle_experts(batch, C), None, None), None
     feats = _features(model, batch)
     macro = model.bem_controller.macro_router
-    if name == "AR1":
+    if name in AR1_SYSTEMS:
         actions, _, stats = macro.plan(feats)
         return macro.engine.fields(actions, dtype=feats.dtype), stats
     return macro(feats), None
@@ -221,6 +224,21 @@ def routing_telemetry(model, name: str, examples: Sequence[Example]) -> dict:
             "projection": ProjectionStats.merged(lora).to_dict(),
             "plan_stats_overridden": (float(stats.overridden.float().mean())
                                       if stats is not None else None)}
+
+
+def train_full_ar1(model, examples: Sequence[Example], cfg, progress: bool = True) -> dict:
+    """full_AR1: the whole stack trained jointly (its dynamic-rank experts under the causal-oracle
+    routing, as the shared LoRA experts are), then AR1's policy by TRPO with every adapter frozen.
+    Returns what to record in train.json (losses and the TRPO log)."""
+    from bem.experiments.routing import oracle_experts
+
+    losses = train_lm(model, examples, steps=cfg.train_steps, batch_size=cfg.train_batch_size,
+                      lr=cfg.train_lr, seed=cfg.seed, warmup=max(1, cfg.train_steps // 20),
+                      desc="train full_AR1", progress=progress, route=oracle_experts)
+    return {"losses": losses,
+            "trpo": train_ar1(model, model.bem_controller.macro_router, examples,
+                              iterations=cfg.ar1_iterations, batch_size=cfg.ar1_batch_size,
+                              seed=cfg.seed, progress=progress)}
 
 
 def train_routed(model, name: str, experts_file, examples: Sequence[Example], cfg,

@@ -11,17 +11,21 @@ from typing import Any
 from bem.model import TransformerConfig
 
 # The systems bem run compares against the static-LoRA baseline.
-VARIANTS = ("V1", "V2", "V3", "V4", "full", "AR1", "per_request", "oracle")
+VARIANTS = ("V1", "V2", "V3", "V4", "full", "AR1", "full_AR1", "per_request", "oracle")
 # The routed systems: the same four LoRA experts, routed by AR1, per request, or by the oracle.
 ROUTED = ("AR1", "per_request", "oracle")
 # References reported next to AR1 but not validated (not candidates for promotion): per-request
 # routing shares AR1's experts without its policy (so it is under budget), the oracle reads the
 # true domains.
 REFERENCES = ("per_request", "oracle")
+# The systems routed by AR1's macro-policy (plan-length and monotonicity gates apply): the LoRA
+# experts, and the full stack whose dynamic-rank LoRA has one expert per domain.
+AR1_SYSTEMS = ("AR1", "full_AR1")
 VARIANT_TITLES = {"V1": "PT1 + dynamic-rank LoRA", "V2": "PT1 + gate shaping",
                   "V3": "Kronecker adapter (MLP down)", "V4": "residual FiLM (MLP)",
                   "full": "full stack (PT1 + V1 + V2 + V3 + V4)",
                   "AR1": "4 LoRA experts routed per chunk by AR1 (TRPO)",
+                  "full_AR1": "full stack, its dynamic-rank LoRA with 4 experts routed by AR1",
                   "per_request": "4 LoRA experts, one per request (classifier on the prompt)",
                   "oracle": "4 LoRA experts, causal-oracle routing (ceiling)"}
 BASELINE = "baseline"

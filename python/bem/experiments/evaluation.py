@@ -1,5 +1,5 @@
-"""Evaluation of one system on held-out examples: greedy generation through the routing-keyed KV
-cache, one request at a time (so questions over the same passages reuse the cached prefix),
+"""Evaluation of one system on held-out examples: greedy generation by bem.engine through the
+routing-keyed KV cache, one request at a time (so questions over the same passages reuse the cached prefix),
 per-example metrics, latency per generated token (p50/p95), peak memory and KV hit rate."""
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from bem.experiments.training import TOKENIZER, prompt_ids, query_start, shape_gates
-from bem.model import generate, new_kv_cache
+from bem.engine import Engine, SamplingParams
+from bem.model import new_kv_cache
 from bem.modules.control import CHUNK_SIZE
 from bem.tasks import Example, score
 
@@ -62,18 +63,18 @@ def _static_bytes(model: nn.Module, cache) -> int:
     return n + pool.numel() * pool.element_size()
 
 
-def _request(model: nn.Module, ex: Example, cache, max_new_tokens: int,
+def _request(model: nn.Module, ex: Example, engine: Engine, max_new_tokens: int,
              route: Callable[[Example, int], torch.Tensor] | None = None) -> list[int]:
     shaped = shape_gates(model, [ex])
     temp = shaped.temperature if shaped is not None else None
     ids = prompt_ids(ex)
     experts = None
     if route is not None:
-        experts = route(ex, -(-(len(ids) + max_new_tokens) // CHUNK_SIZE)).to(
-            model.lm_head.weight.device)
-    return generate(model, [ids], max_new_tokens, cache=cache, experts=experts,
-                    eos_token_id=TOKENIZER.EOS, head_temperature=temp,
-                    temperature_from=[query_start(ex)] if temp is not None else None)[0]
+        experts = route(ex, -(-(len(ids) + max_new_tokens) // CHUNK_SIZE))[0].tolist()
+    params = SamplingParams(max_tokens=max_new_tokens, stop_token_ids=(TOKENIZER.EOS,))
+    return engine.generate([ids], params, experts=[experts],
+                           head_temperature=[temp[0] if temp is not None else None],
+                           temperature_from=[query_start(ex) if temp is not None else None])[0]
 
 
 @torch.no_grad()
@@ -94,11 +95,12 @@ def evaluate(model: nn.Module, examples: Sequence[Example], *, max_new_tokens: i
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     if warmup:
-        scratch = new_kv_cache(model, KV_BLOCKS)
+        scratch = Engine(model, cache=new_kv_cache(model, KV_BLOCKS), max_batch_size=1)
         for ex in warmup:
             _request(model, ex, scratch, max_new_tokens, route)
         del scratch
     cache = new_kv_cache(model, KV_BLOCKS)
+    engine = Engine(model, cache=cache, max_batch_size=1)
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -108,7 +110,7 @@ def evaluate(model: nn.Module, examples: Sequence[Example], *, max_new_tokens: i
     total = 0
     for ex in tqdm(examples, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         start = time.perf_counter()
-        out = _request(model, ex, cache, max_new_tokens, route)
+        out = _request(model, ex, engine, max_new_tokens, route)
         if cuda:
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start

@@ -137,13 +137,15 @@ def _comparisons_section(evals: dict[str, Evaluation], n_resamples: int, seed: i
     from bem.stats import bca_interval
 
     pairs = [(a, b) for a, b in (("AR1", BASELINE), ("AR1", "per_request"), ("oracle", "AR1"),
-                                 ("per_request", BASELINE), ("oracle", BASELINE))
+                                 ("per_request", BASELINE), ("oracle", BASELINE),
+                                 ("full_AR1", "full"), ("full_AR1", BASELINE))
              if a in evals and b in evals]
     if not pairs:
         return []
     lines = ["## Routing against the references (exact match, paired, BCa 95%)", "",
              "per_request and oracle share AR1's experts; they are references, not candidates "
-             "(not validated).", "", "| comparison | mean Δ | CI lower | CI upper |",
+             "(not validated). full_AR1 − full: what AR1's per-chunk routing of the dynamic-rank "
+             "experts adds to the full stack at equal budget.", "", "| comparison | mean Δ | CI lower | CI upper |",
              "|---|---:|---:|---:|"]
     for a, b in pairs:
         x = np.asarray(evals[a].scores["exact_match"])
@@ -158,7 +160,7 @@ def _comparisons_section(evals: dict[str, Evaluation], n_resamples: int, seed: i
 
 
 def _routing_section(routing: dict[str, dict | None]) -> list[str]:
-    """Routing telemetry of the routed systems (AR1, per request, oracle)."""
+    """Routing telemetry of the routed systems (AR1, full_AR1, per request, oracle)."""
     routing = {k: v for k, v in routing.items() if v}
     if not routing:
         return []

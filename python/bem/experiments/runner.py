@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from bem.experiments.base_model import load_or_pretrain
-from bem.experiments.ar1 import routing_telemetry, train_routed
-from bem.experiments.config import BASELINE, REFERENCES, ROUTED, RunConfig
+from bem.experiments.ar1 import routing_telemetry, train_full_ar1, train_routed
+from bem.experiments.config import AR1_SYSTEMS, BASELINE, REFERENCES, ROUTED, RunConfig
 from bem.experiments.evaluation import METRICS, Evaluation, evaluate, per_task
 from bem.experiments.routing import answer_correct, oracle_experts
 from bem.experiments.systems import BudgetRow, SystemSpec, build, plan_systems, trainable
@@ -183,7 +183,7 @@ def _system_entry(name: str, budget: BudgetRow, ev: Evaluation) -> dict:
 
 def _variant_entry(name: str, budget: BudgetRow, ev: Evaluation, routing: dict | None) -> dict:
     entry = {**_system_entry(name, budget, ev), "kind": "adapter"}
-    if name == "AR1":
+    if name in AR1_SYSTEMS:
         entry["kind"] = "router"
         entry["router"] = {"avg_plan_length": routing["avg_plan_length"],
                            "index_swap_monotonic": routing["index_swap_monotonic"]}
@@ -288,6 +288,8 @@ def execute(run: Run, *, device: torch.device, progress: bool = True,
             if spec.name in ROUTED:
                 record = train_routed(model, spec.name, experts_file, train_examples, cfg,
                                       progress)
+            elif spec.name in AR1_SYSTEMS:
+                record = train_full_ar1(model, train_examples, cfg, progress)
             else:
                 record = {"losses": train_lm(
                     model, train_examples, steps=cfg.train_steps,
@@ -307,7 +309,7 @@ def execute(run: Run, *, device: torch.device, progress: bool = True,
             ev = evaluate(model, examples, max_new_tokens=cfg.max_new_tokens, warmup=warmup,
                           desc=f"evaluate {spec.name}", progress=progress, route=route)
             doc = ev.to_dict()
-            if spec.name in ROUTED:
+            if spec.name in ROUTED or spec.name in AR1_SYSTEMS:
                 doc["routing"] = routing_telemetry(model, spec.name, examples)
             _write_json(sdir / "eval.json", doc)
             run.complete(f"eval:{spec.name}", time.perf_counter() - t)

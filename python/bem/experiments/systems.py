@@ -15,7 +15,7 @@ from torch import nn
 
 from bem.attach import ROLES, AdapterSpec, BemConfig, attach
 from bem.budget import count
-from bem.experiments.config import BASELINE, REFERENCES, ROUTED
+from bem.experiments.config import AR1_SYSTEMS, BASELINE, REFERENCES, ROUTED
 from bem.model import BemForCausalLM
 from bem.modules.gate_shaping import GateShaping
 
@@ -43,13 +43,13 @@ class SystemSpec:
 
 def build(base: BemForCausalLM, spec: SystemSpec, seed: int) -> BemForCausalLM:
     """A copy of `base` with the spec's modules attached (base frozen), initialised from `seed`;
-    a routed system (AR1, per_request, oracle) gets its router (bem.experiments.ar1)."""
+    a routed system (AR1, full_AR1, per_request, oracle) gets its router (bem.experiments.ar1)."""
     from bem.experiments.ar1 import attach_router
 
     torch.manual_seed(seed)
     model = attach(copy.deepcopy(base), spec.config)
-    if spec.name in ROUTED:
-        attach_router(model, spec.name)
+    if spec.name in ROUTED or spec.name in AR1_SYSTEMS:
+        attach_router(model, "AR1" if spec.name in AR1_SYSTEMS else spec.name)
     if spec.shaper_hidden is not None:
         ref = model.lm_head.weight
         groups = model.bem_gate_shaper.num_groups
@@ -84,7 +84,8 @@ def _attn_in(layers: int) -> list[str]:
 def _variant(name: str, layers: int, *, rank: int = 2, shaper: int = 8,
              kron: list | None = None, film: int = 4) -> SystemSpec:
     """rank: total rank of the dynamic-rank LoRA over the 2·layers attention-input projections
-    (k = r // 2 active per module); kron: per-layer (out_factors, in_factors)."""
+    (k = r // 2 active per module); kron: per-layer (out_factors, in_factors). "full_AR1" is the
+    full stack with one dynamic-rank expert per adaptation domain (routed by AR1)."""
     gating = AdapterSpec("head_gating", _ROLES["attn_out"])
     dyn = [AdapterSpec("dynamic_rank", [_pattern(n)],
                        {"rank": r, "active": max(1, r // 2), "alpha": float(2 * r)})
@@ -102,8 +103,14 @@ def _variant(name: str, layers: int, *, rank: int = 2, shaper: int = 8,
         return SystemSpec(name, BemConfig(kron_specs))
     if name == "V4":
         return SystemSpec(name, BemConfig([film_spec]))
-    return SystemSpec(name, BemConfig([gating, *dyn, *kron_specs, film_spec], gate_shaping=True),
-                      shaper)
+    return SystemSpec(name, BemConfig([gating, *dyn, *kron_specs, film_spec], gate_shaping=True,
+                                      num_experts=_experts(name)), shaper)
+
+
+def _experts(name: str) -> int:
+    from bem.experiments.ar1 import NUM_EXPERTS
+
+    return NUM_EXPERTS if name == "full_AR1" else 1
 
 
 def _divisors(n: int) -> list[int]:
@@ -158,20 +165,23 @@ def variant_spec(base: BemForCausalLM, name: str, target: int) -> SystemSpec:
             lambda h: _params(base, _variant("V4", L, film=h)), target))
     if name == "V3":
         return _variant("V3", L, kron=_kron_layers(base, target))
+    if name not in ("full", "full_AR1"):
+        raise ValueError(f"name: expected one of V1-V4, full, full_AR1, got {name!r}")
     # Full stack: shares of what the smallest full stack leaves for the shaper (1/4), the
-    # dynamic-rank LoRA (1/3) and the Kronecker adapter (1/6); the FiLM width fills the rest.
+    # dynamic-rank LoRA (1/3, all its experts) and the Kronecker adapter (1/6); the FiLM width
+    # fills the rest. full_AR1's floor includes AR1's router.
     smallest = min(_kron_choices(base))
-    floor = _params(base, _variant("full", L, rank=1, shaper=1,
-                                   kron=[smallest[1:]] * L, film=1))
+    floor = _params(base, _variant(name, L, rank=1, shaper=1, kron=[smallest[1:]] * L, film=1))
     spare = max(0, target - floor)
     shaper = _fit_affine(lambda h: _params(base, _variant("V2", L, shaper=h)),
                          _params(base, _variant("V2", L, shaper=1)) + spare // 4)
-    rank = _fit_affine(lambda r: _params(base, _variant("V1", L, rank=r)),
-                       _params(base, _variant("V1", L, rank=1)) + spare // 3)
+    E = _experts(name)
+    rank = _fit_affine(lambda r: E * _params(base, _variant("V1", L, rank=r)),
+                       E * _params(base, _variant("V1", L, rank=1)) + spare // 3)
     kron = _kron_layers(base, smallest[0] * L + spare // 6)
-    film = _fit_affine(lambda h: _params(base, _variant("full", L, rank=rank, shaper=shaper,
+    film = _fit_affine(lambda h: _params(base, _variant(name, L, rank=rank, shaper=shaper,
                                                         kron=kron, film=h)), target)
-    return _variant("full", L, rank=rank, shaper=shaper, kron=kron, film=film)
+    return _variant(name, L, rank=rank, shaper=shaper, kron=kron, film=film)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bem.modules.gate_shaping import GateShapingOutput, evidence_inputs
-from bem.modules.control import CHUNK_SIZE
+from bem.modules.control import CHUNK_SIZE, ChunkControl
 from bem.tasks import ByteTokenizer, Example, prompt_tokens, sequence_tokens
 from bem.tasks.layout import document_length
 
@@ -70,6 +70,27 @@ def shape_gates(model: nn.Module, examples: Sequence[Example]) -> GateShapingOut
                              [TOKENIZER.encode(q) for q, _, _ in ev],
                              [[TOKENIZER.encode(p) for p in ps] for _, ps, _ in ev])
     return shaper(*inputs)
+
+
+def batch_control(model: nn.Module, batch: Sequence[Example], ids: torch.Tensor,
+                  experts: torch.Tensor | None = None
+                  ) -> tuple[ChunkControl | None, GateShapingOutput | None]:
+    """The controls of a teacher-forced forward over `batch` (ids (B, T) from lm_batch) and V2's
+    shaper output: the gate shaper's temperatures (applied from the query's chunk, as in
+    generation) and `experts` (B, C) when given. (None, None) when neither applies (the model
+    then computes its own controls)."""
+    shaped = shape_gates(model, batch)
+    if shaped is None and experts is None:
+        return None, None
+    device = ids.device
+    pos = torch.arange(ids.shape[1], device=device).expand_as(ids)
+    control = model.bem_controller.control(
+        ids, pos, model.get_input_embeddings().weight,
+        experts=experts.to(device) if experts is not None else None,
+        head_temperature=shaped.temperature if shaped is not None else None,
+        temperature_from_chunk=None if shaped is None else torch.tensor(
+            [query_start(ex) for ex in batch], device=device) // CHUNK_SIZE)
+    return control, shaped
 
 
 class TaskBatches:
@@ -160,7 +181,6 @@ def train_lm(model: nn.Module, examples: Sequence[Example], *, steps: int, batch
     device = params[0].device
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     batches = TaskBatches(examples, batch_size, seed, batch_tokens, turns)
-    controller = getattr(model, "bem_controller", None)
     losses: list[float] = []
     model.train()
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
@@ -169,16 +189,8 @@ def train_lm(model: nn.Module, examples: Sequence[Example], *, steps: int, batch
             g["lr"] = _lr_at(step, steps, warmup, lr)
         batch = batches.next()
         ids, valid, targets, weights = lm_batch(batch, prompt_weight, device)
-        shaped = shape_gates(model, batch)
-        control = None
-        if shaped is not None or route is not None:
-            pos = torch.arange(ids.shape[1], device=device).expand_as(ids)
-            control = controller.control(
-                ids, pos, model.get_input_embeddings().weight,
-                experts=route(batch).to(device) if route is not None else None,
-                head_temperature=shaped.temperature if shaped is not None else None,
-                temperature_from_chunk=None if shaped is None else torch.tensor(
-                    [query_start(ex) for ex in batch], device=device) // CHUNK_SIZE)
+        control, shaped = batch_control(model, batch, ids,
+                                        route(batch) if route is not None else None)
         logits = model(ids, valid=valid, control=control)[:, :-1]
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                              reduction="none").view_as(weights)

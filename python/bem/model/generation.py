@@ -27,34 +27,6 @@ def new_kv_cache(model: BemForCausalLM, num_blocks: int, *, backend: str = "auto
                             device=p.device, backend=backend)
 
 
-class _PagedStep:
-    """The K/V of one forward step through a KVCache: row b's valid new tokens go to slots[b];
-    every row reads its sequence's whole context (padded to the longest)."""
-
-    def __init__(self, cache: KVCache, seqs: list[int], slots: list[torch.Tensor],
-                 counts: list[int]):
-        self.cache, self.seqs, self.slots, self.counts = cache, seqs, slots, counts
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        for b, (slots, n) in enumerate(zip(self.slots, self.counts)):
-            self.cache.write(layer, slots, k[b, :n].transpose(0, 1).contiguous(),
-                             v[b, :n].transpose(0, 1).contiguous())
-
-    def read(self, layer: int):
-        ks, vs = zip(*(self.cache.read(layer, s) for s in self.seqs))      # (H, N_b, D) each
-        lengths = [k.shape[1] for k in ks]
-        L = max(lengths)
-        H, D = ks[0].shape[0], ks[0].shape[2]
-        keys = ks[0].new_zeros(len(ks), L, H, D)
-        values = keys.clone()
-        for b, (k, v) in enumerate(zip(ks, vs)):
-            keys[b, : k.shape[1]] = k.transpose(0, 1)
-            values[b, : v.shape[1]] = v.transpose(0, 1)
-        pos = torch.arange(L, device=keys.device).expand(len(ks), L)
-        n = torch.tensor(lengths, device=keys.device)[:, None]
-        return keys, values, pos, pos < n
-
-
 def _controller(model):
     return getattr(model, "bem_controller", None)
 
@@ -238,7 +210,7 @@ def generate(model: BemForCausalLM, prompts, max_new_tokens: int, *, cache: KVCa
                                       from_chunk)
         return _generate_cached(model, cache, rows, max_new_tokens, do_sample, temperature,
                                 top_k, generator, eos_token_id, experts, head_temperature,
-                                from_chunk)
+                                from_chunk, temperature_from)
     finally:
         model.train(was_training)
 
@@ -269,67 +241,26 @@ def _generate_uncached(model, rows, max_new_tokens, do_sample, temperature, top_
 
 
 def _generate_cached(model, cache, rows, max_new_tokens, do_sample, temperature, top_k,
-                     generator, eos, experts, head_temperature, from_chunk):
-    device = model.lm_head.weight.device
-    version = getattr(getattr(model, "bem_config", None), "version", 0)
-    weights = weights_digest(model)
-    # Chunks before a row's first shaped chunk run without temperatures: keyed without them.
-    unshaped = _request_digest(model, weights, None, 0)
-    shaped = [_request_digest(model, weights, head_temperature, b) for b in range(len(rows))]
-    first = from_chunk.tolist() if from_chunk is not None else [0] * len(rows)
-    adapted = getattr(model, "bem_config", None) is not None
+                     generator, eos, experts, head_temperature, from_chunk, temperature_from):
+    """Through bem.engine: every row is one request of an engine over `cache` (all rows run
+    together; prompts are prefilled in one step)."""
+    from bem.engine import Engine, SamplingParams
 
-    def key(b: int, expert_row: torch.Tensor | None, chunk: int) -> RoutingKey:
-        e = int(expert_row[chunk]) if expert_row is not None else (0 if adapted else -1)
-        return RoutingKey(e, shaped[b] if chunk >= first[b] else unshaped, version)
-
-    outs: list[list[int]] = [[] for _ in rows]
-    seqs: dict[int, int] = {}
-    try:
-        # Prefill: per-chunk experts of the whole prompt give the routing keys to match under.
-        ids, _ = _padded(rows, device)
-        pos_all = torch.arange(ids.shape[1], device=device).expand_as(ids)
-        full = _control(model, ids, pos_all, experts, head_temperature, from_chunk)
-        step_rows, step_pos, slots, counts = [], [], [], []
-        for b, r in enumerate(rows):
-            erow = full.experts[b] if full is not None and full.experts is not None else None
-            pre = cache.prefill(r, [key(b, erow, c) for c in range(-(-len(r) // CHUNK_SIZE))])
-            seqs[b] = pre.seq
-            step_rows.append(r[pre.cached_tokens:])
-            step_pos.append(list(range(pre.cached_tokens, len(r))))
-            slots.append(pre.slots)
-            counts.append(len(r) - pre.cached_tokens)
-        live = list(range(len(rows)))
-        positions, _ = _padded(step_pos, device)
-        ctrl = _control(model, ids, positions, experts, head_temperature, from_chunk)
-        while True:
-            step_ids, valid = _padded(step_rows, device)
-            batch = AttentionBatch(positions, valid,
-                                   _PagedStep(cache, [seqs[b] for b in live], slots, counts))
-            logits = model(step_ids, control=ctrl, batch=batch)
-            last = torch.tensor([n - 1 for n in counts], device=device)
-            nxt = _next_tokens(logits[torch.arange(len(live)), last], do_sample, temperature,
-                               top_k, generator)
-            for b, t in zip(live, nxt):
-                outs[b].append(t)
-            live = [b for b in live if not _done(outs[b], max_new_tokens, eos)]
-            if not live:
-                return outs
-            # Decode: the new token's chunk keys on the expert its controls chose.
-            hist, _ = _padded([rows[b] + outs[b] for b in live], device)
-            positions = torch.tensor([[len(rows[b]) + len(outs[b]) - 1] for b in live],
-                                     device=device)
-            ctrl = _control(model, hist, positions, _rows_of(experts, live),
-                            _rows_of(head_temperature, live),
-                            _rows_of(from_chunk, live))
-            step_rows, slots, counts = [], [], []
-            for i, b in enumerate(live):
-                erow = ctrl.experts[i] if ctrl is not None and ctrl.experts is not None else None
-                chunk = int(positions[i, 0]) // CHUNK_SIZE
-                slots.append(cache.extend(seqs[b], [outs[b][-1]], key(b, erow, chunk)))
-                step_rows.append([outs[b][-1]])
-                counts.append(1)
-    finally:
-        for s in seqs.values():
-            cache.free(s)
-
+    engine = Engine(model, cache=cache, max_batch_size=len(rows),
+                    max_prefill_tokens=sum(len(r) for r in rows))
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature if do_sample
+                            else 0.0, top_k=top_k if do_sample else None,
+                            stop_token_ids=() if eos is None else (eos,),
+                            generator=generator if do_sample else None)
+    n = len(rows)
+    if isinstance(experts, torch.Tensor):
+        per_row = [experts[b].tolist() for b in range(n)]
+    else:
+        per_row = [experts] * n
+    temps = [None] * n if head_temperature is None else list(head_temperature)
+    starts = [None] * n
+    if head_temperature is not None:
+        starts = (list(temperature_from.tolist() if isinstance(temperature_from, torch.Tensor)
+                       else temperature_from) if temperature_from is not None else [0] * n)
+    return engine.generate(rows, params, experts=per_row, head_temperature=temps,
+                           temperature_from=starts)

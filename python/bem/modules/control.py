@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 CHUNK_SIZE = 64
+_TOKEN_EXPERTS = object()     # ChunkMemo key of ChunkControl.token_experts
 
 _current: contextvars.ContextVar[ChunkControl | None] = contextvars.ContextVar("bem_control",
                                                                               default=None)
@@ -37,6 +38,9 @@ class ChunkControl:
         experts' delta (None: 1).
     temperature_from_chunk: (B,) int64 or None — first chunk where head_temperature applies
         (V2: the chunk of the query's first token; earlier chunks are unshaped). None: every chunk.
+    memo: ChunkMemo or None — set by bem.engine on decode steps: modules keep their per-chunk
+        values (gates, rank masks, γ/β) per row there and recompute them only when a row enters a
+        new chunk (see :meth:`cached`).
     """
 
     features: torch.Tensor
@@ -46,6 +50,16 @@ class ChunkControl:
     rank_budget: torch.Tensor | None = None
     delta_scale: torch.Tensor | None = None
     temperature_from_chunk: torch.Tensor | None = None
+    memo: ChunkMemo | None = None
+
+    def cached(self, module: nn.Module, name: str, compute):
+        """``compute()`` — a module's per-token values derived from the controls only (a tensor
+        or a tuple of tensors, each with the rows first) — or, on an engine decode step whose
+        rows are all inside an already seen chunk, the values kept from that chunk's first step.
+        Within a chunk they are constant (the cache-safety rule), so the result is the same."""
+        if self.memo is None:
+            return compute()
+        return self.memo.get(module, name, compute)
 
     def per_token(self, per_chunk: torch.Tensor) -> torch.Tensor:
         """(B, C, ...) → (B, T, ...): each token takes the value of its chunk."""
@@ -57,6 +71,9 @@ class ChunkControl:
         """(B·T,) int64 expert of every token, or None when no experts were chosen."""
         if self.experts is None:
             return None
+        if self.memo is not None:
+            return self.memo.get(_TOKEN_EXPERTS, "experts",
+                                 lambda: self.per_token(self.experts).reshape(-1))
         return self.per_token(self.experts).reshape(-1)
 
     def keep_base(self, per_chunk: torch.Tensor, identity: float) -> torch.Tensor:
@@ -66,6 +83,61 @@ class ChunkControl:
         off = (self.experts[:, : per_chunk.shape[1]] < 0).reshape(
             *self.experts.shape[:1], per_chunk.shape[1], *([1] * (per_chunk.dim() - 2)))
         return per_chunk.masked_fill(off, identity)
+
+
+class ChunkMemo:
+    """Per-row store of modules' per-chunk values across decode steps (bem.engine).
+
+    Before each decode forward the engine calls :meth:`begin` with the rows' slots (B,) and
+    whether any row needs fresh values (it entered a new chunk, or its slot is new); then every
+    :meth:`get` computes and stores (refresh) or returns the stored rows. Values are indexed by
+    slot, so rows may join and leave between steps. Inference only: stored values carry no
+    autograd graph."""
+
+    def __init__(self, capacity: int):
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"ChunkMemo: capacity: expected a positive int, got {capacity!r}")
+        self.capacity = capacity
+        self._store: dict[tuple[int, str], list[torch.Tensor]] = {}
+        self._last: dict[tuple[int, str], object] = {}
+        self.slots: torch.Tensor | None = None
+        self.refresh = True
+        self.same_rows = False
+
+    def begin(self, slots: torch.Tensor, refresh: bool, same_rows: bool = False) -> None:
+        """slots: (B,) the step's rows; refresh: recompute every value; same_rows: the rows are
+        those of the previous step, in the same order (its values are returned as they are)."""
+        self.slots, self.refresh = slots, bool(refresh)
+        self.same_rows = bool(same_rows) and not self.refresh
+        if not self.same_rows:
+            self._last.clear()
+
+    def clear(self) -> None:
+        self._store.clear()
+        self._last.clear()
+
+    def get(self, key_owner: object, name: str, compute):
+        key = (id(key_owner), name)
+        if self.same_rows:
+            last = self._last.get(key)
+            if last is not None:
+                return last
+        bufs = self._store.get(key)
+        if not self.refresh and bufs is not None:
+            out = [b.index_select(0, self.slots) for b in bufs]
+            value = out[0] if len(out) == 1 else tuple(out)
+            self._last[key] = value
+            return value
+        value = compute()
+        values = value if isinstance(value, tuple) else (value,)
+        if bufs is None or any(b.shape[1:] != v.shape[1:] or b.dtype != v.dtype
+                               for b, v in zip(bufs, values)):
+            bufs = [v.new_zeros((self.capacity, *v.shape[1:])) for v in values]
+            self._store[key] = bufs
+        for b, v in zip(bufs, values):
+            b.index_copy_(0, self.slots, v.detach())
+        self._last[key] = value
+        return value
 
 
 @contextlib.contextmanager
@@ -139,8 +211,14 @@ class ChunkController(nn.Module):
         default = self.default.to(embedding.dtype).expand(B, 1, self.d_model)
         if num_chunks == 1:
             return default
-        emb = F.embedding(ids[:, :need], embedding).reshape(B, num_chunks - 1, cs, -1).mean(2)
-        return torch.cat([default, F.rms_norm(emb, (emb.shape[-1],))], dim=1)
+        rest = self.chunk_features(ids[:, :need].reshape(B * (num_chunks - 1), cs), embedding)
+        return torch.cat([default, rest.reshape(B, num_chunks - 1, -1)], dim=1)
+
+    def chunk_features(self, chunk_ids: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """(N, chunk_size) token ids of N chunks → (N, d) the features of the chunks that follow
+        them (the same computation as :meth:`features`, for one new chunk at a time)."""
+        emb = F.embedding(chunk_ids, embedding).mean(1)
+        return F.rms_norm(emb, (emb.shape[-1],))
 
     def set_macro_router(self, router: nn.Module | None) -> None:
         """Route with `router` instead of the linear argmax router (which is removed): a module

@@ -21,7 +21,9 @@ class DynamicRankLoRA(base.LinearAdapter):
     token's own input x (mode "token"). The forward uses exactly the k top-scoring components with
     gate g_j = 1 — work is fixed by k. Straight-through: g_j = 1 + p_j − stop_grad(p_j) with
     p = k·softmax(s), so the loss gradient on the gates reaches the predictor (the unselected
-    components through the softmax normaliser).
+    components through the softmax normaliser). Under AR1's controls (bem.router), a chunk's
+    rank budget b keeps the first min(b, k) of its top-k components (in score order) and its
+    bias scale multiplies the gates.
 
     Args:
         base_layer: nn.Linear / Conv1D, weight (d_out, d_in).
@@ -74,18 +76,28 @@ class DynamicRankLoRA(base.LinearAdapter):
 
     def delta(self, x2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         ctrl = current_control("DynamicRankLoRA", x)
-        if self.mode == "chunk":
-            idx, gate = self.select(self.predictor(ctrl.features.to(x.dtype)))  # (B, C, k)
-            idx, gate = ctrl.per_token(idx), ctrl.per_token(gate)
-        else:
-            idx, gate = self.select(self.predictor(x))
         experts = ctrl.token_experts()
         if self.num_experts > 1 and experts is None:
             raise RuntimeError(f"DynamicRankLoRA: {self.num_experts} experts but the controls "
                                "chose none")
+
+        def ranks():
+            if self.mode == "chunk":
+                idx, gate = self.select(self.predictor(ctrl.features.to(x.dtype)))  # (B, C, k)
+                idx, gate = ctrl.per_token(idx), ctrl.per_token(gate)
+            else:
+                idx, gate = self.select(self.predictor(x))
+            if ctrl.rank_budget is not None:   # AR1: the chunk's first `budget` of the top-k
+                budget = ctrl.per_token(ctrl.rank_budget).clamp(1, self.active)
+                gate = gate * (torch.arange(self.active, device=x.device) < budget[..., None])
+            if ctrl.delta_scale is not None:   # AR1: the chunk's bias scale
+                gate = gate * ctrl.per_token(ctrl.delta_scale)[..., None].to(gate.dtype)
+            return idx.reshape(-1, self.active), gate.reshape(-1, self.active)
+
+        # Token mode reads x: its ranks change every token, so they are never kept.
+        idx, gate = ctrl.cached(self, "ranks", ranks) if self.mode == "chunk" else ranks()
         return base.lora_delta(x2, self.lora_A, self.lora_B, scale=self.scale,
-                               expert_index=experts, rank_index=idx.reshape(-1, self.active),
-                               rank_gate=gate.reshape(-1, self.active))
+                               expert_index=experts, rank_index=idx, rank_gate=gate)
 
     def adapter_flops(self, num_tokens: int, num_chunks: int) -> int:
         rows = num_chunks if self.mode == "chunk" else num_tokens

@@ -72,10 +72,10 @@ class HeadGating(base.LinearAdapter):
             raise ValueError(f"HeadGating: x: expected last dimension {self.d_in}, got shape "
                              f"{tuple(x.shape)}")
         ctrl = current_control("HeadGating", x)
-        g = ctrl.per_token(ctrl.keep_base(self.gates(ctrl.features.to(x.dtype),
-                                                     ctrl.head_temperature,
-                                                     ctrl.temperature_from_chunk), 1.0))
-        gamma = g.repeat_interleave(self.d_in // self.num_groups, dim=-1)
+        gamma = ctrl.cached(self, "gamma", lambda: ctrl.per_token(ctrl.keep_base(
+            self.gates(ctrl.features.to(x.dtype), ctrl.head_temperature,
+                       ctrl.temperature_from_chunk), 1.0)).repeat_interleave(
+            self.d_in // self.num_groups, dim=-1))
         return self.base_layer(base.film(x, gamma, x.new_zeros(self.d_in)))
 
     def delta(self, x2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,11 @@ class LoRA(base.LinearAdapter):
                 ctrl.rank_budget is None and ctrl.delta_scale is None)):
             return base.lora_delta(x2, self.lora_A, self.lora_B, scale=self.scale,
                                    expert_index=experts)
-        index, gate = self._composed_gates(ctrl, experts, x2.shape[0])
+        if ctrl is None:
+            index, gate = self._composed_gates(ctrl, experts, x2.shape[0])
+        else:
+            index, gate = ctrl.cached(self, "gates",
+                                      lambda: self._composed_gates(ctrl, experts, x2.shape[0]))
         return base.lora_delta(x2, self.lora_A, self.lora_B, scale=self.scale,
                                expert_index=experts, rank_index=index, rank_gate=gate.to(x2.dtype))
 

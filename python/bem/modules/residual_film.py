@@ -76,9 +76,13 @@ class ResidualFiLM(nn.Module):
             raise ValueError(f"ResidualFiLM: expected the sublayer to return a (B, T, {self.dim}) "
                              f"tensor, got {type(h).__name__} {tuple(getattr(h, 'shape', ()))}")
         ctrl = current_control("ResidualFiLM", h)
-        gamma, beta = self.modulation(ctrl.features.to(h.dtype))
-        return base.film(h, ctrl.per_token(ctrl.keep_base(gamma, 1.0)),
-                         ctrl.per_token(ctrl.keep_base(beta, 0.0)))
+
+        def modulation():
+            gamma, beta = self.modulation(ctrl.features.to(h.dtype))
+            return (ctrl.per_token(ctrl.keep_base(gamma, 1.0)),
+                    ctrl.per_token(ctrl.keep_base(beta, 0.0)))
+
+        return base.film(h, *ctrl.cached(self, "film", modulation))
 
     def adapter_flops(self, num_tokens: int, num_chunks: int) -> int:
         return 2 * num_chunks * (self.d_ctrl * self.d_hidden + self.d_hidden * 2 * self.dim)
