@@ -210,9 +210,14 @@ def test_bad_requests_are_refused_without_disturbing_the_others():
                       (dict(top_p=1.5), "top_p"), (dict(top_k=0), "top_k")):
         with pytest.raises(ValueError, match=match):
             SamplingParams(**kw)
+    outs = []
     while engine.has_unfinished():
-        engine.step()
-    assert engine._requests[rid].generated == _reference(m, p, 6, experts=torch.tensor([[1] * 4]))
+        outs += engine.step()
+    final = [o for o in outs if o.request_id == rid and o.finished]
+    assert len(final) == 1
+    assert final[0].token_ids == _reference(m, p, 6, experts=torch.tensor([[1] * 4]))
+    assert final[0].experts == [1]            # the chunk the request ran in
+    assert not engine._requests             # finished requests are forgotten
     base = _model("base")
     with pytest.raises(ValueError, match="no chunk-routed"):
         Engine(base).add_request(p, experts=0)
@@ -230,10 +235,57 @@ def test_abort_frees_the_request():
     b = engine.add_request(p[1], SamplingParams(max_tokens=5))
     engine.step()
     engine.abort(a)
+    outs = []
     while engine.has_unfinished():
-        engine.step()
-    assert engine._requests[b].generated == _reference(m, p[1], 5)
-    assert engine._requests[a].finish_reason == "abort"
+        outs += engine.step()
+    assert [o.token_ids for o in outs if o.finished] == [_reference(m, p[1], 5)]
+    assert all(o.request_id == b for o in outs)
+    assert not engine._requests
     assert engine.manager.stats().sequences == 0
     with pytest.raises(ValueError, match="request_id"):
         engine.abort(a)
+
+
+def test_finished_requests_are_forgotten_and_ids_reusable():
+    """A long-lived engine (a server) holds nothing for finished requests: their ids are free
+    again and the engine's request table stays empty."""
+    m = _model("lora")
+    engine = Engine(m, num_blocks=8)
+    p = _prompts(12, [20])[0]
+    first = None
+    for _ in range(3):
+        engine.add_request(p, SamplingParams(max_tokens=3), request_id="same")
+        while engine.has_unfinished():
+            outs = engine.step()
+        assert outs[-1].finished and not engine._requests
+        first = first or outs[-1].token_ids
+        assert outs[-1].token_ids == first
+
+
+def test_generate_takes_one_expert_or_one_per_prompt():
+    m = _model("lora-experts")
+    engine = Engine(m, num_blocks=8)
+    p = _prompts(13, [20, 70])
+    one = engine.generate(p, SamplingParams(max_tokens=4), experts=2)
+    each = engine.generate(p, SamplingParams(max_tokens=4), experts=[2, 2])
+    assert one == each
+    assert one[0] == _reference(m, p[0], 4, experts=torch.tensor([[2]]))
+    with pytest.raises(ValueError, match="experts: expected one per prompt"):
+        engine.generate(p, SamplingParams(max_tokens=4), experts=[2])
+
+
+def test_outputs_report_the_expert_of_each_chunk():
+    m = _model("lora-experts")
+    engine = Engine(m, num_blocks=8)
+    p = _prompts(14, [60])[0]
+    plan = [2, 1, 0]
+    rid = engine.add_request(p, SamplingParams(max_tokens=40), experts=plan)
+    seen = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            seen[len(o.token_ids)] = o.experts
+    assert seen[1] == [2]                     # the prompt's chunk
+    assert seen[5] == [2]                     # generated token 5 sits at position 64 …
+    assert seen[6] == [2, 1]                  # … and is the first input of chunk 1
+    assert seen[40] == [2, 1]
+    assert rid not in engine._requests

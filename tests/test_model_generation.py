@@ -284,3 +284,55 @@ def test_bad_arguments():
             generate(m, [[1]], 2, head_temperature=t, temperature_from=bad)
     with pytest.raises(TypeError, match="BemForCausalLM"):
         new_kv_cache(torch.nn.Linear(2, 2), 4)
+
+
+def _record_logits(monkeypatch):
+    """Capture the logits each generated token was chosen from: {(prompt, step): (V,) float64}
+    for the cached path (the engine's sampler) and the uncached reference (generation's)."""
+    import bem.model.generation as generation
+    from bem.engine import Engine
+
+    cached, uncached = {}, {}
+    sample, next_tokens = Engine._sample, generation._next_tokens
+
+    def engine_sample(self, rows, logits):
+        for r, row in zip(rows, logits):
+            cached[(tuple(r.prompt), len(r.generated))] = row.detach().double().clone()
+        return sample(self, rows, logits)
+
+    def reference_next(logits, *args):
+        step = sum(1 for k in uncached if k[0] == 0)
+        for b, row in enumerate(logits):
+            uncached[(b, step)] = row.detach().double().clone()
+        return next_tokens(logits, *args)
+
+    monkeypatch.setattr(Engine, "_sample", engine_sample)
+    monkeypatch.setattr(generation, "_next_tokens", reference_next)
+    return cached, uncached
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cached_logits_equal_uncached_across_chunk_boundaries(name, monkeypatch):
+    """Not only the greedy tokens: the logits behind every generated token, cached (prefill, then
+    decode through the paged cache, blocks reused from an earlier request) against recomputation
+    without a cache, with decoding crossing the chunk boundaries at 64, 128 and 192."""
+    m = _model(name)
+    cache = new_kv_cache(m, 24)
+    prompts = _prompts(12, [60, 126, 190])
+    for request in ("first", "second"):
+        cached, uncached = _record_logits(monkeypatch)
+        out = generate(m, prompts, 8, cache=cache)
+        assert out == generate(m, prompts, 8)
+        assert len(cached) == len(uncached) == 8 * len(prompts)
+        for b, p in enumerate(prompts):
+            for step in range(8):
+                want = uncached[(b, step)]
+                torch.testing.assert_close(cached[(tuple(p), step)], want, rtol=1e-9,
+                                           atol=1e-9 * float(want.abs().max()),
+                                           msg=lambda s: f"{name}, row {b}, step {step}: {s}")
+        monkeypatch.undo()
+        if request == "first":
+            # Continue two of the finished sequences: their full blocks (192 and 64 tokens, the
+            # last of each filled during decode) are served from the cache.
+            prompts = [prompts[2] + out[2][:2] + [5], prompts[0] + out[0][:4] + [7]]
+    assert cache.manager.stats().tokens_hit == 192 + 64

@@ -107,3 +107,27 @@ def test_nonfinite_input_raises(name):
     args[name].view(-1)[5] = float("nan")  # NaN, not Inf: a clipped Inf γ/β is finite again
     with pytest.raises(ValueError, match=f"{name} contains NaN or Inf"):
         film(args["x"], args["gamma"], args["beta"])
+
+
+@pytest.mark.parametrize("gmode,bmode", [("per_token", "per_token"), ("per_token", "global"),
+                                          ("global", "per_token"), ("global", "global"),
+                                          ("per_sequence", "global")])
+def test_unbounded_inference_call_matches_reference(gmode, bmode):
+    """The modules' call (no bounds, no gradient: a fast path on CPU) against float64, for the
+    γ/β shapes bem's modules pass, and its bad input still gets the checked path's errors."""
+    for i, dtype in enumerate(kernel_dtypes("cpu")):
+        x, g, b = make(SHAPES[gmode], SHAPES[bmode], dtype=dtype, seed=10 + i)
+        with torch.no_grad():
+            y = film(x, g, b, gamma_bounds=None, beta_bound=None)
+        want = reference.film(x.double(), g.double(), b.double(), gamma_bounds=None,
+                              beta_bound=None)
+        assert y.dtype == dtype and y.shape == x.shape
+        assert_close_scaled(y, want, dtype)
+    x, g, b = make(SHAPES["per_token"], SHAPES["global"])
+    x[1, 2, 3] = float("nan")
+    with torch.no_grad(), pytest.raises(ValueError, match="film: x contains NaN"):
+        film(x, g, b, gamma_bounds=None, beta_bound=None)
+    with torch.no_grad(), pytest.raises(ValueError, match="gamma"):
+        film(x, g[:, :, :5].contiguous(), b, gamma_bounds=None, beta_bound=None)
+    with torch.no_grad(), pytest.raises(TypeError, match="beta: expected dtype"):
+        film(x, g, b.double(), gamma_bounds=None, beta_bound=None)

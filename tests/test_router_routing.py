@@ -177,7 +177,8 @@ class _DenseKV:
     def read(self, layer):
         k = self.k[layer]
         pos = torch.arange(k.shape[1])[None]
-        return k, self.v[layer], pos, torch.ones_like(pos, dtype=torch.bool)
+        return (k.transpose(1, 2), self.v[layer].transpose(1, 2), pos,   # head-major (B, H, L, D)
+                torch.ones_like(pos, dtype=torch.bool))
 
 
 def test_whole_forward_equals_incremental_decoding_logits(ar1, ar1_generation):

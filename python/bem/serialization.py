@@ -1,9 +1,11 @@
-"""Safetensors files written and read by bem itself (strictly validated, SHA-256 of every tensor
-in the metadata, atomic writes), and save/load of bem adapters and of bem's built-in model.
+"""Safetensors files read and written through the `safetensors` package, with bem's guarantees on
+top (SHA-256 of every tensor and each tensor's dtype and shape in the metadata, verified on load;
+atomic writes), and save/load of bem adapters and of bem's built-in model.
 
-Format: an 8-byte little-endian header length N, N bytes of JSON ({name: {"dtype", "shape",
-"data_offsets": [begin, end]}, optional "__metadata__": {str: str}}), then the tensors' raw
-little-endian bytes, back to back in offset order.
+The format is the safetensors library's own (files bem wrote with its earlier hand-written writer
+are byte-compatible and stay loadable). bem adds two metadata keys: "bem.sha256", a JSON object
+tensor name → hex SHA-256 of its raw little-endian bytes, and "bem.layout", name → [dtype code,
+shape], so that a header edited to reinterpret the same bytes (F32 read as I32) is refused too.
 """
 from __future__ import annotations
 
@@ -11,24 +13,25 @@ import hashlib
 import json
 import os
 import struct
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
+import safetensors
+import safetensors.torch
 import torch
 from torch import nn
 
 import bem
 
+# The dtypes bem writes and reads, by safetensors code; files holding others are refused.
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 _CODES = {v: k for k, v in DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
 DIGEST_KEY = "bem.sha256"
+LAYOUT_KEY = "bem.layout"
 ADAPTER_CONFIG = "bem_config.json"
 ADAPTER_WEIGHTS = "bem_adapter.safetensors"
 MODEL_CONFIG = "config.json"
@@ -36,143 +39,146 @@ MODEL_WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
 
 
-def _raw(t: torch.Tensor) -> bytes:
-    t = t.detach().to("cpu").contiguous()
-    if sys.byteorder != "little":  # pragma: no cover - bem targets little-endian machines
-        raise RuntimeError("bem.serialization: big-endian hosts are not supported")
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+def _sha256(t: torch.Tensor) -> str:
+    """Hex SHA-256 of a contiguous CPU tensor's raw bytes (what the file holds, little-endian)."""
+    if t.numel() == 0:
+        return hashlib.sha256(b"").hexdigest()
+    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same folder, fsync and os.replace: a
-    reader sees the old file or the new one, never a partial one."""
+    """Write `data` to `path` via a temporary file in the same folder, fsync, os.replace and an
+    fsync of the folder: a reader — or the process after a crash or kill -9 — sees the old file or
+    the new one, never a partial one. The file gets the permissions a plain open() would give it
+    (mkstemp's are owner-only)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # pragma: no cover - a folder that cannot be opened (some network file systems)
+        return
+    try:
+        os.fsync(dir_fd)  # makes the rename itself durable
+    except OSError:  # pragma: no cover - file systems that do not fsync folders
+        pass
+    finally:
+        os.close(dir_fd)
 
 
 def save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
               metadata: dict[str, str] | None = None) -> None:
-    """Write tensors to a safetensors file (atomically), adding the SHA-256 of each tensor's bytes
-    under metadata key "bem.sha256" (a JSON object name → hex digest)."""
+    """Write tensors to a safetensors file (atomically) with the safetensors library, adding the
+    SHA-256 of each tensor's bytes ("bem.sha256") and its dtype and shape ("bem.layout") to the
+    metadata. tensors: name → tensor of a dtype in DTYPES, any device and strides."""
     if not isinstance(tensors, dict) or not all(isinstance(k, str) and k for k in tensors):
         raise TypeError("tensors: expected a dict of non-empty str → torch.Tensor")
     meta = dict(metadata or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise TypeError("metadata: expected a dict of str → str")
-    if DIGEST_KEY in meta or "__metadata__" in tensors:
-        raise ValueError(f"metadata/tensors: the names {DIGEST_KEY!r} and '__metadata__' are "
-                         "reserved")
-    header: dict[str, Any] = {}
-    blobs, digests, offset = [], {}, 0
+    if DIGEST_KEY in meta or LAYOUT_KEY in meta or "__metadata__" in tensors:
+        raise ValueError(f"metadata/tensors: the names {DIGEST_KEY!r}, {LAYOUT_KEY!r} and "
+                         "'__metadata__' are reserved")
+    plain: dict[str, torch.Tensor] = {}
+    digests, layout = {}, {}
     for name in sorted(tensors):
         t = tensors[name]
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"tensors[{name!r}]: expected a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _CODES:
-            raise TypeError(f"tensors[{name!r}]: dtype {t.dtype} has no safetensors code")
-        raw = _raw(t)
-        header[name] = {"dtype": _CODES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        digests[name] = hashlib.sha256(raw).hexdigest()
-        blobs.append(raw)
-        offset += len(raw)
+            raise TypeError(f"tensors[{name!r}]: dtype {t.dtype} is not one bem stores "
+                            f"({', '.join(map(str, DTYPES.values()))})")
+        # Own contiguous CPU copies: the library refuses views and tensors that share memory.
+        t = t.detach().to("cpu", copy=True).contiguous()
+        plain[name] = t
+        digests[name] = _sha256(t)
+        layout[name] = [_CODES[t.dtype], list(t.shape)]
     meta[DIGEST_KEY] = json.dumps(digests, sort_keys=True)
-    header["__metadata__"] = meta
-    hj = json.dumps(header, separators=(",", ":")).encode()
-    hj += b" " * (-len(hj) % 8)  # data starts 8-byte aligned, as the safetensors library writes
-    atomic_write(path, struct.pack("<Q", len(hj)) + hj + b"".join(blobs))
+    meta[LAYOUT_KEY] = json.dumps(layout, sort_keys=True, separators=(",", ":"))
+    atomic_write(path, _canonical_header(safetensors.torch.save(plain, metadata=meta)))
+
+
+def _canonical_header(blob: bytes) -> bytes:
+    """The library's file with its header JSON re-serialised with sorted keys: the library keeps
+    metadata in a hash map, so its key order (and the file's bytes and SHA-256) would change from
+    process to process. Offsets count from the end of the header, so the data is unchanged."""
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # data 8-byte aligned, as the library writes it
+    return struct.pack("<Q", len(header)) + header + blob[8 + n:]
+
+
+def _json_metadata(path: Path, meta: dict[str, str], key: str, names: set[str]) -> dict | None:
+    if key not in meta:
+        return None
+    try:
+        value = json.loads(meta.pop(key))
+    except json.JSONDecodeError:
+        raise ValueError(f"{path}: corrupt {key} metadata (not JSON)") from None
+    if not isinstance(value, dict) or set(value) != names:
+        raise ValueError(f"{path}: {key} metadata does not list exactly the file's tensors")
+    return value
 
 
 def load_file(path: str | os.PathLike, *, require_digests: bool = True
               ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a safetensors file; returns (tensors, metadata without "bem.sha256").
+    """Read a safetensors file with the safetensors library; returns (tensors, metadata without
+    bem's keys). Tensors: name → CPU tensor (own memory, not a map of the file).
 
-    Refuses (ValueError naming the file and the problem) a truncated or over-long file, a
-    malformed header, unknown dtypes, offsets that overlap, leave holes or disagree with the
-    shape, and — when the file carries bem's digests — any tensor whose bytes no longer match.
+    The library refuses truncated or over-long files, malformed or oversized (> 100 MB) headers
+    and offsets that overlap, leave holes or disagree with the shape; bem then refuses dtypes it
+    does not store and — when the file carries bem's metadata — any tensor whose bytes, dtype or
+    shape no longer match it. Every refusal is a ValueError naming the file and the problem.
     ``require_digests``: also refuse files without bem's digests (files from other writers).
     """
     path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: cannot read (no such file)" if not path.exists() else
+                         f"{path}: cannot read (not a regular file)")
     try:
-        data = path.read_bytes()
+        # backend="pread": the tensors are copies, not views of a mapping that a later truncation
+        # of the file would turn into SIGBUS.
+        with safetensors.safe_open(path, framework="pt", backend="pread") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except safetensors.SafetensorError as exc:
+        raise ValueError(f"{path}: not a valid safetensors file ({exc})") from None
     except OSError as exc:
-        raise ValueError(f"{path}: cannot read ({exc.strerror})") from None
-    if len(data) < 8:
-        raise ValueError(f"{path}: truncated (only {len(data)} bytes; no header length)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > _MAX_HEADER or 8 + n > len(data):
-        raise ValueError(f"{path}: truncated or corrupt (header length {n}, file {len(data)} bytes)")
-    try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: corrupt header ({exc})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: corrupt header (not a JSON object)")
-    meta = header.pop("__metadata__", {}) or {}
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                             for k, v in meta.items()):
-        raise ValueError(f"{path}: corrupt header (__metadata__ must map str to str)")
-    body = memoryview(data)[8 + n:]
-    spans = []
-    for name, info in header.items():
-        if (not isinstance(info, dict) or info.get("dtype") not in DTYPES or
-                not isinstance(info.get("shape"), list) or
-                not all(isinstance(s, int) and s >= 0 for s in info["shape"]) or
-                not isinstance(info.get("data_offsets"), list) or len(info["data_offsets"]) != 2 or
-                not all(isinstance(o, int) for o in info["data_offsets"])):
-            raise ValueError(f"{path}: corrupt header entry for tensor {name!r}: {info!r}")
-        begin, end = info["data_offsets"]
-        dtype = DTYPES[info["dtype"]]
-        numel = 1
-        for s in info["shape"]:
-            numel *= s
-        if end - begin != numel * dtype.itemsize or begin < 0:
-            raise ValueError(f"{path}: tensor {name!r}: offsets {info['data_offsets']} do not "
-                             f"hold shape {info['shape']} of {info['dtype']}")
-        spans.append((begin, end, name))
-    spans.sort()
-    pos = 0
-    for begin, end, name in spans:
-        if begin != pos:
-            raise ValueError(f"{path}: tensor {name!r} starts at {begin}, expected {pos} (holes or "
-                             "overlaps in the data)")
-        pos = end
-    if pos != len(body):
-        raise ValueError(f"{path}: {'truncated' if pos > len(body) else 'trailing bytes'}: the "
-                         f"header describes {pos} data bytes, the file has {len(body)}")
-    digests = None
-    if DIGEST_KEY in meta:
-        try:
-            digests = json.loads(meta.pop(DIGEST_KEY))
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}: corrupt {DIGEST_KEY} metadata") from None
-        if not isinstance(digests, dict) or set(digests) != set(header):
-            raise ValueError(f"{path}: {DIGEST_KEY} metadata does not list exactly the file's "
-                             "tensors")
-    elif require_digests:
+        raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    for name, t in tensors.items():
+        if t.dtype not in _CODES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {t.dtype}, which bem does not "
+                             "store")
+    names = set(tensors)
+    digests = _json_metadata(path, meta, DIGEST_KEY, names)
+    layout = _json_metadata(path, meta, LAYOUT_KEY, names)
+    if digests is None and require_digests:
         raise ValueError(f"{path}: no {DIGEST_KEY} metadata (not written by bem); pass "
                          "require_digests=False to accept it unverified")
-    out = {}
-    for begin, end, name in spans:
-        raw = body[begin:end]
-        if digests is not None and hashlib.sha256(raw).hexdigest() != digests[name]:
+    for name, t in tensors.items():
+        if layout is not None and layout[name] != [_CODES[t.dtype], list(t.shape)]:
+            raise ValueError(f"{path}: tensor {name!r} is {_CODES[t.dtype]} {list(t.shape)} in "
+                             f"the header but {layout[name]} in {LAYOUT_KEY} (header edited)")
+        if digests is not None and _sha256(t) != digests[name]:
             raise ValueError(f"{path}: tensor {name!r} fails its SHA-256 check (file tampered "
                              "with or corrupted)")
-        info = header[name]
-        t = torch.frombuffer(bytearray(raw), dtype=DTYPES[info["dtype"]]) if end > begin else \
-            torch.empty(0, dtype=DTYPES[info["dtype"]])
-        out[name] = t.reshape(info["shape"])
-    return out, meta
+    return tensors, meta
 
 
 def _json_file(path: Path) -> dict:

@@ -84,19 +84,22 @@ class SamplingParams:
 class RequestOutput:
     """What one step produced for one request: its new tokens (`new_token_ids`, usually one),
     everything generated so far, and whether it finished ("stop": a stop token; "length":
-    max_tokens; "abort": Engine.abort)."""
+    max_tokens; "abort": Engine.abort). `experts`: the expert each chunk of the request was
+    routed to so far (−1: none), for models with chunk-routed modules (else None). A finished
+    request's output is its last: the engine then forgets it (its id can be reused)."""
 
     request_id: str
     new_token_ids: list[int]
     token_ids: list[int]
     finished: bool
     finish_reason: str | None = None
+    experts: list[int] | None = None
 
 
 class _Request:
     __slots__ = ("id", "prompt", "params", "experts", "temperature", "from_chunk", "generated",
                  "state", "slot", "seq", "computed", "chunks_ready", "shaped", "generator",
-                 "finish_reason", "callback", "arrival")
+                 "finish_reason", "callback", "arrival", "routes")
 
     def __init__(self, rid, prompt, params, experts, temperature, from_chunk, callback, arrival):
         self.id, self.prompt, self.params = rid, prompt, params
@@ -109,6 +112,7 @@ class _Request:
         self.chunks_ready = 0      # chunks whose controls are in the slot buffers
         self.shaped: bytes | None = None
         self.finish_reason: str | None = None
+        self.routes: list[int] | None = None     # the expert of each chunk so far
         self.generator = params.generator
         if self.generator is None and not params.greedy:
             self.generator = torch.Generator()
@@ -147,8 +151,8 @@ class _PagedKV:
     def read(self, layer: int):
         _, _, H, bs, D = self.data.shape[1:]
         kv = self.data[layer].index_select(0, self.flat_tables)      # (B·nb, 2, H, bs, D)
-        kv = kv.view(self.B, self.nb, 2, H, bs, D).permute(2, 0, 1, 4, 3, 5)
-        kv = kv.reshape(2, self.B, self.nb * bs, H, D)
+        kv = kv.view(self.B, self.nb, 2, H, bs, D).permute(2, 0, 3, 1, 4, 5)
+        kv = kv.reshape(2, self.B, H, self.nb * bs, D)                 # head-major: one copy
         return kv[0], kv[1], self.kpos, self.kvalid
 
 
@@ -221,6 +225,7 @@ class Engine:
         self._memo = ChunkMemo(S)
         self._memo_valid = [False] * S
         self._last_rows: list[int] = []
+        self._last_decode = None
         self._free_slots = list(range(S - 1, -1, -1))
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
@@ -244,6 +249,7 @@ class Engine:
         self._unshaped = self._request_digest(model, self._weights, None, 0)
         self._memo.clear()
         self._last_rows = []
+        self._last_decode = None
 
     def add_request(self, prompt, params: SamplingParams | None = None, *,
                     request_id: str | None = None, experts=None,
@@ -361,6 +367,7 @@ class Engine:
             self._release(req)
             self._running.remove(req)
         req.state, req.finish_reason = "finished", "abort"
+        del self._requests[request_id]
 
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running)
@@ -391,12 +398,14 @@ class Engine:
         if pieces:
             self._prefill(pieces, produced, finished)
         outs = []
-        for req in finished:
-            self._running.remove(req)
         for rid, toks in produced.items():
             req = self._requests[rid]
             outs.append(RequestOutput(rid, toks, list(req.generated), req.state == "finished",
-                                      req.finish_reason))
+                                      req.finish_reason,
+                                      None if req.routes is None else list(req.routes)))
+        for req in finished:
+            self._running.remove(req)
+            del self._requests[req.id]
         self.stats["steps"] += 1
         self.stats["step_seconds"] += time.perf_counter() - t0
         return outs
@@ -526,14 +535,22 @@ class Engine:
         pos = torch.tensor([[r.computed] for r in rows], device=dev)
         ids = torch.tensor([[r.generated[-1]] for r in rows], device=dev)
         nb = max(r.computed for r in rows) // CHUNK_SIZE + 1
-        kv = _PagedKV(self.cache.storage.data,
-                      torch.from_numpy(slots[0] if B == 1 else _concat(slots)).to(dev), None,
-                      self._tables.index_select(0, slots_rows)[:, :nb], pos[:, 0] + 1, CHUNK_SIZE)
         refresh = any(not self._memo_valid[r.slot] or r.computed % CHUNK_SIZE == 0 for r in rows)
         order = [r.slot for r in rows]
-        self._memo.begin(slots_rows, refresh, same_rows=order == self._last_rows)
+        same = order == self._last_rows
+        self._memo.begin(slots_rows, refresh, same_rows=same)
         self._last_rows = order
-        control = self._control(rows, slots_rows, pos, nb, memo=True)
+        if same and not refresh and self._last_decode is not None:
+            # The previous step's rows, none entering a chunk: its controls (features, experts,
+            # budgets, token chunks) and block tables are this step's too.
+            control, tables = self._last_decode
+        else:
+            control = self._control(rows, slots_rows, pos, nb, memo=True)
+            tables = self._tables.index_select(0, slots_rows)[:, :nb]
+            self._last_decode = (control, tables)
+        kv = _PagedKV(self.cache.storage.data,
+                      torch.from_numpy(slots[0] if B == 1 else _concat(slots)).to(dev), None,
+                      tables, pos[:, 0] + 1, CHUNK_SIZE)
         t = time.perf_counter()
         logits = self.model(ids, control=control, batch=AttentionBatch(
             pos, torch.ones(B, 1, dtype=torch.bool, device=dev), kv))
@@ -573,6 +590,7 @@ class Engine:
         else:
             experts, budget, scale = self.ctl.route(self._feats[s:s + 1, :C])
             self._set_route(s, slice(0, C), experts, budget, scale, 0)
+        req.routes = self._experts[s, :C].tolist() if self._has_experts[s] else None
 
     def _extend_controls(self, rows: list[_Request]) -> None:
         """Controls of the chunk each row's next token opens (once per chunk, batched)."""
@@ -585,8 +603,13 @@ class Engine:
                                  for r, ci in zip(rows, c)], device=self.device)
             f = self.ctl.chunk_features(prev, self._emb)
             slots = torch.tensor([r.slot for r in rows], device=self.device)
-            self._feats[slots, torch.tensor(c, device=self.device)] = f
+            chunk = torch.tensor(c, device=self.device)
+            self._feats[slots, chunk] = f
             self._route_many(rows, c)
+            routed = self._experts[slots, chunk].tolist()
+            for r, e in zip(rows, routed):
+                if r.routes is not None:
+                    r.routes.append(e)
         for r in rows:
             r.chunks_ready += 1
 
@@ -717,29 +740,34 @@ class Engine:
         n = len(prompts)
 
         def each(v, name):
-            if v is None or isinstance(v, SamplingParams):
+            # one value for every prompt: None, SamplingParams, an int (expert / position) or a
+            # tensor (head temperatures, or experts per chunk); else a sequence, one per prompt
+            if v is None or isinstance(v, (SamplingParams, int, torch.Tensor)):
                 return [v] * n
             if len(v) != n:
                 raise ValueError(f"{name}: expected one per prompt ({n}), got {len(v)}")
             return list(v)
 
-        ids = []
+        reqs: list[_Request] = []
         try:
             for p, sp, e, t, f in zip(prompts, each(params, "params"), each(experts, "experts"),
                                       each(head_temperature, "head_temperature"),
                                       each(temperature_from, "temperature_from")):
-                ids.append(self.add_request(p, sp, experts=e, head_temperature=t,
-                                            temperature_from=f))
+                reqs.append(self._requests[self.add_request(p, sp, experts=e, head_temperature=t,
+                                                            temperature_from=f)])
         except BaseException:
-            for rid in ids:
-                self.abort(rid)
+            for r in reqs:
+                self.abort(r.id)
             raise
-        while any(self._requests[r].state != "finished" for r in ids):
-            self.step()
-        out = [list(self._requests[r].generated) for r in ids]
-        for r in ids:
-            del self._requests[r]
-        return out
+        try:
+            while any(r.state != "finished" for r in reqs):
+                self.step()
+        except BaseException:
+            for r in reqs:
+                if r.state != "finished":
+                    self.abort(r.id)
+            raise
+        return [list(r.generated) for r in reqs]
 
     def stream(self, prompt, params: SamplingParams | None = None, **kwargs) -> Iterator[int]:
         """Yield the request's tokens as they are produced (other queued requests progress in
@@ -759,7 +787,6 @@ class Engine:
         finally:
             if req.state != "finished":
                 self.abort(rid)
-            self._requests.pop(rid, None)
 
     def overhead(self) -> dict[str, float]:
         """Time per step outside the model's forwards (scheduling, KV bookkeeping, controls,

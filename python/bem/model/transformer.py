@@ -4,7 +4,7 @@ through a paged cache (bem.model.cache) when generating."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -20,24 +20,35 @@ class AttentionBatch:
 
     positions: (B, T) int64 absolute positions of the input tokens.
     valid: (B, T) bool, False for padding.
-    kv: None (attend within the input only) or a paged K/V step (bem.model.generation) with
+    kv: None (attend within the input only) or a paged K/V step (bem.engine) with
         ``write(layer, k, v)`` storing the valid tokens' k, v (B, T, H, D) and
-        ``read(layer) -> (keys, values (B, L, H, D), key_positions (B, L) int64, key_valid (B, L))``
+        ``read(layer) -> (keys, values (B, H, L, D), key_positions (B, L) int64, key_valid (B, L))``
         returning each row's whole context, the new tokens included.
     """
 
     positions: torch.Tensor
     valid: torch.Tensor
     kv: object | None = None
+    _rope: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def rope(self, theta: float, head_dim: int, dtype: torch.dtype):
+        """(cos, sin) (B, T, 1, D) of the RoPE angles at `positions`, computed in float64 once
+        per forward and shared by every layer."""
+        key = (theta, head_dim, dtype)
+        if key not in self._rope:
+            D = head_dim
+            inv = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.float64,
+                                                device=self.positions.device) / D))
+            ang = self.positions.to(torch.float64)[..., None] * inv               # (B, T, D/2)
+            ang = torch.cat([ang, ang], -1)
+            self._rope[key] = (ang.cos().to(dtype)[:, :, None, :],
+                               ang.sin().to(dtype)[:, :, None, :])
+        return self._rope[key]
 
 
-def _rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """RoPE (rotate-half convention, as Llama): x (B, T, H, D), positions (B, T)."""
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE (rotate-half convention, as Llama): x (B, T, H, D), cos/sin (B, T, 1, D)."""
     D = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.float64, device=x.device) / D))
-    ang = positions.to(torch.float64)[..., None] * inv                     # (B, T, D/2)
-    cos = torch.cat([ang.cos(), ang.cos()], -1).to(x.dtype)[:, :, None, :]
-    sin = torch.cat([ang.sin(), ang.sin()], -1).to(x.dtype)[:, :, None, :]
     x1, x2 = x[..., : D // 2], x[..., D // 2:]
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
@@ -61,18 +72,19 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, H, D)
         v = self.v_proj(x).view(B, T, H, D)
         if self.cfg.positions == "rotary":
-            q = _rotate(q, batch.positions, self.cfg.rope_theta)
-            k = _rotate(k, batch.positions, self.cfg.rope_theta)
+            cos, sin = batch.rope(self.cfg.rope_theta, D, q.dtype)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         if batch.kv is None:
-            keys, values, kpos, kvalid = k, v, batch.positions, batch.valid
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)              # (B, H, L, D) views
+            kpos, kvalid = batch.positions, batch.valid
         else:
             batch.kv.write(self.layer, k, v)
-            keys, values, kpos, kvalid = batch.kv.read(self.layer)
+            keys, values, kpos, kvalid = batch.kv.read(self.layer)           # (B, H, L, D)
         allowed = kvalid[:, None, :] & (kpos[:, None, :] <= batch.positions[:, :, None])  # (B,T,L)
         allowed = allowed | ~allowed.any(-1, keepdim=True)   # padding rows: anything, ignored
-        scores = torch.matmul(q.transpose(1, 2), keys.permute(0, 2, 3, 1)) / math.sqrt(D)
+        scores = torch.matmul(q.transpose(1, 2), keys.transpose(-1, -2)) / math.sqrt(D)
         probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
-        out = torch.matmul(probs, values.transpose(1, 2))                    # (B, H, T, D)
+        out = torch.matmul(probs, values)                                    # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
 
 

@@ -66,8 +66,18 @@ class KroneckerAdapter(base.LinearAdapter):
         return norm(self.kron_A) * norm(self.kron_B)
 
     def clamp_factor(self) -> float:
+        """min(1, budget/σ); computed once per weight version (inference calls it per forward:
+        the SVDs are skipped until A or B changes — optimizer steps, load_state_dict and other
+        in-place updates bump the tensors' version counters)."""
+        A, B = self.kron_A, self.kron_B
+        key = (id(A), A._version, A.data_ptr(), id(B), B._version, B.data_ptr(), self.budget)
+        cached = self.__dict__.get("_clamp_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
         sigma = self.spectral_norm()
-        return 1.0 if sigma <= self.budget else self.budget / sigma
+        c = 1.0 if sigma <= self.budget else self.budget / sigma
+        self.__dict__["_clamp_cache"] = (key, c)
+        return c
 
     @torch.no_grad()
     def project_(self) -> float:

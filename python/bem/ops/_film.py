@@ -85,6 +85,37 @@ def _validate(x, gamma, beta, gamma_bounds, beta_bound):
             _as_groups(beta, x, gb, target), lo, hi, bb)
 
 
+def _fast_unbounded(x, gamma, beta) -> torch.Tensor | None:
+    """The inference call of bem's modules (no bounds, no gradient), checked with a few attribute
+    reads: x a contiguous CPU tensor of a kernel dtype, γ and β of x's dtype, contiguous, each
+    either x's shape (per token) or (d,) (global). None: take the fully checked path (which also
+    produces the error messages and handles every other case)."""
+    dt = c.fast_operands(x, gamma, beta)
+    if dt is None or not _ext.available():
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or gamma.requires_grad or beta.requires_grad):
+        return None
+    xs, gs, bs = x.shape, gamma.shape, beta.shape
+    if not xs:
+        return None
+    d = xs[-1]
+    rows = x.numel() // d if d else 0
+    if rows == 0 or d == 0:
+        return None
+    glob = (d,)
+    if (gs != xs and gs != glob) or (bs != xs and bs != glob):
+        return None
+    g2, b2 = gamma.view(-1, d), beta.view(-1, d)
+    if g2.shape[0] != b2.shape[0]:                 # one per token, the other global
+        g2, b2 = g2.expand(rows, d).contiguous(), b2.expand(rows, d).contiguous()
+    y = torch.empty_like(x)
+    inf = math.inf
+    if not _ext.C().film_forward(-1, 0, 0, rows, d, g2.shape[0], _ext.DTYPE_CODES[dt], -inf, inf,
+                                 inf, x.data_ptr(), g2.data_ptr(), b2.data_ptr(), y.data_ptr()):
+        c.raise_if_nonfinite_input(OP, x=x, gamma=gamma, beta=beta)
+    return y
+
+
 def _forward(x, gamma, beta, lo, hi, bb):
     rows, d = x.shape
     groups = gamma.shape[0]
@@ -94,9 +125,11 @@ def _forward(x, gamma, beta, lo, hi, bb):
         if reason:
             c.warn_fallback(OP, reason)
         reps = rows // groups
-        return reference.film(x, gamma.repeat_interleave(reps, dim=0),
-                              beta.repeat_interleave(reps, dim=0),
-                              gamma_bounds=(lo, hi), beta_bound=bb)
+        y = reference.film(x, gamma.repeat_interleave(reps, dim=0),
+                           beta.repeat_interleave(reps, dim=0), gamma_bounds=(lo, hi), beta_bound=bb)
+        if not bool(torch.isfinite(y).all()):  # the kernels' finiteness contract
+            c.raise_if_nonfinite_input(OP, x=x, gamma=gamma, beta=beta)
+        return y
     y = torch.empty_like(x)
     flag = (torch.zeros(1, dtype=torch.int32, device=x.device)
             if dev >= 0 and c.checks_enabled() else None)
@@ -185,6 +218,10 @@ def film(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, *,
         x's shape and dtype. Gradients for x, γ and β; zero where γ or β was clipped (the
         convention of torch.clamp: a value exactly on a bound passes its gradient).
     """
+    if gamma_bounds is None and beta_bound is None and not torch.compiler.is_compiling():
+        y = _fast_unbounded(x, gamma, beta)
+        if y is not None:
+            return y
     x2, g2, b2, lo, hi, bb = _validate(x, gamma, beta, gamma_bounds, beta_bound)
     needs_grad = torch.is_grad_enabled() and (x2.requires_grad or g2.requires_grad or b2.requires_grad)
     if needs_grad or torch.compiler.is_compiling():

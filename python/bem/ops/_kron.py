@@ -50,6 +50,8 @@ def _forward(x, A, B, scale, y2d):
         if reason:
             c.warn_fallback(OP, reason)
         delta = reference.kron_delta(x, A, B, scale=scale)
+        if not bool(torch.isfinite(delta).all()):  # the kernels' finiteness contract
+            c.raise_if_nonfinite_input(OP, x=x, A=A, B=B)
         return delta if y2d is None else y2d.add_(delta)
     y = y2d if y2d is not None else torch.empty((T, o1 * o2), dtype=x.dtype, device=x.device)
     flag = (torch.zeros(1, dtype=torch.int32, device=x.device)

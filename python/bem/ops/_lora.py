@@ -95,7 +95,8 @@ def _validate(x, A, B, scale, expert_index, rank_index, rank_gate, out):
 
 
 def _check_indices_on_device(E, r, ei, ri):
-    """GPU index validation with torch (the CPU kernels check inline); one device sync."""
+    """Index validation with torch, for the GPU kernels and the reference path (the CPU kernels
+    check inline); one device sync."""
     flags = []
     if ei is not None:
         flags.append(((ei < -1) | (ei >= E)).any())
@@ -132,7 +133,11 @@ def _forward(x, A3, B3, ei, ri, gate, scale, out, want_shrink):
         reason = c.fallback_reason(x)
         if reason:
             c.warn_fallback(OP, reason)
+        # The reference does not check its input: same index and finiteness contract as the kernels.
+        _check_indices_on_device(E, r, ei, ri)
         delta, shrink = _reference_forward(x, A3, B3, ei, ri, gate, scale)
+        if not bool(torch.isfinite(delta).all()):
+            c.raise_if_nonfinite_input(OP, x=x, A=A3, B=B3, rank_gate=gate)
         if out is not None:
             out.add_(delta)
             delta = out
