@@ -51,6 +51,9 @@ def register(sub) -> None:
                    help="continue an interrupted run: FOLDER, --out, or the latest unfinished "
                    "run under ./bem-runs; it keeps the options it was started with")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--suite", choices=("default", "multimodal"), default="default",
+                   help="default: the adaptation domains (above); multimodal: image-aware systems "
+                   "against a text-only baseline on the embedded image task (docs/multimodal.md)")
     p.set_defaults(func=_cmd_run, parser=p)
 
 
@@ -59,6 +62,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from bem.experiments.runner import execute_logged, prepare_run, resolve_device
 
+    if getattr(args, "suite", "default") == "multimodal":
+        from bem.multimodal.cli import cmd_run
+
+        return cmd_run(args)
     parser = args.parser
     config = None
     if args.resume:
