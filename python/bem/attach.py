@@ -204,42 +204,130 @@ def bem_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, BEM_MODULES)}
 
 
-def _continues(kwargs) -> bool:
-    """Whether a Hugging Face forward continues earlier tokens (a KV cache that holds tokens, or
-    position ids not starting at 0) instead of covering whole sequences."""
-    for name in ("past_key_values", "cache"):
-        past = kwargs.get(name)
-        if past is not None and (past.get_seq_length() if hasattr(past, "get_seq_length")
-                                 else len(past)) > 0:
-            return True
-    pos = kwargs.get("position_ids")
-    return isinstance(pos, torch.Tensor) and pos.numel() > 0 and bool((pos[..., 0] != 0).any())
+_CACHE_KEYS = ("cache", "past_key_values")
+
+
+@dataclass
+class _Call:
+    """What the post-hook needs of one hooked forward: the control token to pop, and for a
+    whole-sequence forward the ids and real-token mask that seed the cache's row history."""
+
+    token: Any = None
+    ids: torch.Tensor | None = None
+    real: torch.Tensor | None = None
+    legacy: bool = False
+    history: Any = None
+
+
+def _find_cache(kwargs) -> tuple[str | None, Any]:
+    for key in _CACHE_KEYS:
+        if kwargs.get(key) is not None:
+            return key, kwargs[key]
+    return None, None
 
 
 def _control_pre_hook(model, args, kwargs):
-    """Compute the per-chunk controls from input_ids for a forward over whole sequences, unless
-    controls are already active (bem's generation passes its own)."""
+    """Compute the per-chunk controls of a forward and make them active for its bem modules.
+
+    Whole sequences (no cache, or an empty one): from input_ids, positions counted in the real
+    tokens of the 2-D attention_mask. A continuation of a transformers Cache (or legacy tuple)
+    that bem saw from its start: from the row history kept on the cache (bem.hf.generation),
+    computing chunk c's controls when its first token arrives. Controls already active (bem's own
+    generation) are left alone."""
+    call = _Call()
+    model._bem_control_tokens.append(call)
     if optional_control() is not None or kwargs.get("control") is not None:
-        model._bem_control_tokens.append(None)
         return None
+    from bem.hf import generation as hfgen
+
     ids = kwargs.get("input_ids", args[0] if args else None)
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         raise ValueError("bem: the attached modules need input_ids (B, T) to compute their "
                          "per-chunk controls")
-    if kwargs.get("batch") is not None or _continues(kwargs):
+    if kwargs.get("batch") is not None:
         raise ValueError("bem: per-chunk controls need the whole sequence; generate with "
                          "bem.model.generate (bem's model) or with use_cache=False")
-    pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    ctrl = model.bem_controller.control(ids, pos, model.get_input_embeddings().weight)
-    model._bem_control_tokens.append(push_control(ctrl))
-    return None
+    key, cache = _find_cache(kwargs)
+    emb = model.get_input_embeddings().weight
+    controller = model.bem_controller
+    past = hfgen.cache_length(cache)
+    hist = hfgen.get_history(cache)
+    if cache is not None and (past > 0 or hist is not None):
+        hist = hfgen.check_continuation(hist, cache, controller)
+        if hfgen._is_legacy(cache):
+            hist = hist.clone()                  # the caller may branch from this tuple again
+            cache = hfgen.to_dynamic(cache)
+            hfgen.set_history(cache, hist)
+            kwargs = {**kwargs, key: cache}
+            call.legacy = True
+        real = hfgen.new_tokens_mask(kwargs.get("attention_mask"), ids, past)
+        if kwargs.get("attention_mask") is not None and kwargs["attention_mask"].shape[1] != \
+                past + ids.shape[1]:
+            raise hfgen.CacheStateError(
+                f"bem: attention_mask: expected {past + ids.shape[1]} columns ({past} cached + "
+                f"{ids.shape[1]} new tokens), got {kwargs['attention_mask'].shape[1]}")
+        call.history = hist
+        call.token = push_control(hist.advance(ids, real, emb))
+        return (args, kwargs) if call.legacy else None
+    real = hfgen.new_tokens_mask(kwargs.get("attention_mask"), ids, 0)
+    pos = hfgen.real_positions(real)
+    given = kwargs.get("position_ids")
+    if isinstance(given, torch.Tensor) and given.dim() == 2 and given.shape == ids.shape:
+        first = real.to(torch.int64).argmax(1, keepdim=True)       # each row's first real token
+        if bool((given.to(ids.device).gather(1, first)[real.any(1)] != 0).any()):
+            raise ValueError("bem: per-chunk controls need the whole sequence (position_ids do "
+                             "not start at 0 and there is no cache bem saw from its start); "
+                             "generate with use_cache=True from an empty cache, or with "
+                             "use_cache=False")
+    history_ids = ids if bool(real.all()) else hfgen.compact(ids, real)
+    call.token = push_control(controller.control(history_ids, pos, emb))
+    if cache is not None and hfgen._is_legacy(cache):      # an empty legacy tuple
+        kwargs = {**kwargs, key: None}
+        call.legacy = True
+    call.ids, call.real = ids, real
+    return (args, kwargs) if call.legacy else None
+
+
+def _output_cache(output):
+    """(key or tuple index, cache) of a forward's output cache, or (None, None). Only keys the
+    output holds are read (transformers logs a deprecation for the old names)."""
+    if isinstance(output, dict):
+        for key in _CACHE_KEYS:
+            if key in output.keys() and output[key] is not None:
+                return key, output[key]
+    elif isinstance(output, tuple):
+        for i, value in enumerate(output):
+            if hasattr(value, "get_seq_length"):
+                return i, value
+    return None, None
 
 
 def _control_post_hook(model, args, kwargs, output):
-    token = model._bem_control_tokens.pop() if model._bem_control_tokens else None
-    if token is not None:
-        pop_control(token)
-    return None
+    call = model._bem_control_tokens.pop() if model._bem_control_tokens else None
+    if call is None:
+        return None
+    if call.token is not None:
+        pop_control(call.token)
+    key, cache = _output_cache(output)
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        return None
+    from bem.hf import generation as hfgen
+
+    hist = call.history
+    if call.ids is not None:
+        hist = hfgen.RowHistory.pending(model.bem_controller, call.ids, call.real,
+                                        model.get_input_embeddings().weight)
+    if hist is None:
+        return None
+    if call.legacy:
+        legacy = hfgen.to_legacy(cache)
+        hfgen.set_history(legacy, hist)
+        if isinstance(key, int):
+            return output[:key] + (legacy,) + output[key + 1:]
+        output[key] = legacy
+    else:
+        hfgen.set_history(cache, hist)
+    return output
 
 
 def attach(model: nn.Module, config: BemConfig, *, freeze_base: bool = True) -> nn.Module:
@@ -248,7 +336,10 @@ def attach(model: nn.Module, config: BemConfig, *, freeze_base: bool = True) -> 
     Each AdapterSpec wraps every module whose name matches its targets (inner modules first, so
     a FiLM around an MLP may hold a Kronecker-adapted down projection). When a module reads
     per-chunk controls, a :class:`ChunkController` is added as ``model.bem_controller`` and a
-    forward hook computes the controls from ``input_ids``; with ``gate_shaping`` a
+    forward hook computes the controls from ``input_ids`` — for whole sequences, and for
+    Hugging Face cached forwards (``generate(use_cache=True)``, decode loops over a Cache or a
+    legacy tuple) from the row history it keeps on the cache (:mod:`bem.hf.generation`,
+    docs/hf.md); with ``gate_shaping`` a
     :class:`GateShaping` is added as ``model.bem_gate_shaper``. ``freeze_base`` turns off the
     gradients of every parameter that is not bem's.
 
@@ -302,7 +393,7 @@ def _unattach(model: nn.Module) -> None:
     for h in getattr(model, "_bem_hooks", []):
         h.remove()
     for attr in ("bem_controller", "bem_gate_shaper", "_bem_hooks", "_bem_control_tokens",
-                 "bem_config"):
+                 "bem_config", "bem_peft_experts"):
         if hasattr(model, attr):
             delattr(model, attr)
 

@@ -25,6 +25,10 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, expert: int =
     layers need ``fan_in_fan_out``. Different ranks or alphas per module go to rank_pattern /
     alpha_pattern. Returns the exported module names.
 
+    Experts loaded from PEFT adapters with :func:`bem.hf.peft_experts.load_peft_experts` are
+    written as the adapter they came from: its own ranks (the zero padding dropped), alphas,
+    scale convention (use_rslora) and dtype, and its adapter_config.json's other fields.
+
     Raises ValueError when the model has bem modules other than LoRA (their effect has no PEFT
     equivalent), none at all, `expert` out of range, or a mix of Linear and Conv1D targets.
     """
@@ -44,6 +48,15 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, expert: int =
         raise ValueError("export_peft: PEFT's fan_in_fan_out is per adapter; the LoRA targets mix "
                          "nn.Linear and Conv1D layers")
     names = sorted(loras)
+    from bem.hf.peft_experts import expert_tensors
+
+    original = expert_tensors(model, expert)
+    if original is not None:
+        tensors, config = original
+        if base_model_name_or_path is not None:
+            config["base_model_name_or_path"] = base_model_name_or_path
+        _write(directory, tensors, config)
+        return names
     first = loras[names[0]]
     tensors = {}
     for n in names:
@@ -59,8 +72,12 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, expert: int =
         "rank_pattern": {n: loras[n].rank for n in names if loras[n].rank != first.rank},
         "alpha_pattern": {n: loras[n].alpha for n in names if loras[n].alpha != first.alpha},
     }
+    _write(directory, tensors, config)
+    return names
+
+
+def _write(directory, tensors, config) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / PEFT_WEIGHTS, {"format": "pt"})
     atomic_write(directory / PEFT_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
-    return names
