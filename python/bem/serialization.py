@@ -70,16 +70,31 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_dir(path.parent)  # makes the rename itself durable
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a folder, so that renames and new entries in it survive a crash (a no-op where the
+    folder cannot be opened or fsynced, as on some network file systems)."""
     try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # pragma: no cover - a folder that cannot be opened (some network file systems)
+        dir_fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - a folder that cannot be opened
         return
     try:
-        os.fsync(dir_fd)  # makes the rename itself durable
+        os.fsync(dir_fd)
     except OSError:  # pragma: no cover - file systems that do not fsync folders
         pass
     finally:
         os.close(dir_fd)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike,

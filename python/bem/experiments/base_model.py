@@ -16,7 +16,8 @@ import torch
 from bem.experiments.config import PretrainConfig
 from bem.experiments.training import train_lm
 from bem.model import BemForCausalLM, TransformerConfig
-from bem.serialization import MODEL_CONFIG, MODEL_WEIGHTS, atomic_write, load_model, save_model
+from bem.serialization import (MODEL_CONFIG, MODEL_WEIGHTS, atomic_write, load_model, save_model,
+                               sha256_file)
 from bem.tasks import SUITE_VERSION, generate
 
 log = logging.getLogger("bem")
@@ -41,14 +42,6 @@ def cache_key(model: TransformerConfig, pretrain: PretrainConfig, suite_seed: in
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _load_entry(entry: Path, key: str, model_cfg: TransformerConfig) -> BemForCausalLM:
     """The cached model, or ValueError saying what is wrong with the entry."""
     try:
@@ -62,7 +55,7 @@ def _load_entry(entry: Path, key: str, model_cfg: TransformerConfig) -> BemForCa
     if not isinstance(files, dict) or set(files) != {MODEL_CONFIG, MODEL_WEIGHTS}:
         raise ValueError("manifest without the checksums of the model files")
     for name, digest in files.items():
-        if not (entry / name).is_file() or _sha256(entry / name) != digest:
+        if not (entry / name).is_file() or sha256_file(entry / name) != digest:
             raise ValueError(f"{name}: checksum mismatch")
     model = load_model(entry)
     if model.config != model_cfg:
@@ -119,7 +112,7 @@ def load_or_pretrain(model_cfg: TransformerConfig, pretrain: PretrainConfig, *,
                 "model": model_cfg.to_dict(), "pretrain": pretrain.__dict__,
                 "suite_version": SUITE_VERSION, "suite_seed": suite_seed,
                 "train_seconds": seconds, "loss_first": losses[0], "loss_last": losses[-1],
-                "sha256": {n: _sha256(tmp / n) for n in (MODEL_CONFIG, MODEL_WEIGHTS)}}
+                "sha256": {n: sha256_file(tmp / n) for n in (MODEL_CONFIG, MODEL_WEIGHTS)}}
     atomic_write(tmp / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     shutil.rmtree(entry, ignore_errors=True)
     os.replace(tmp, entry)
