@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     stats_cli.register(sub)
     from bem.experiments import cli as run_cli
     run_cli.register(sub)
+    from bem.serve import cli as serve_cli
+    serve_cli.register(sub)
+    from bem.online import cli as online_cli
+    online_cli.register(sub)
     return parser
 
 

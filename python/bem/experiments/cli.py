@@ -7,6 +7,7 @@ import logging
 import sys
 
 from bem.experiments.config import VARIANTS, RunConfig
+from bem._console import log_to_stderr, refuse_with_resume
 
 log = logging.getLogger("bem")
 
@@ -69,20 +70,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     parser = args.parser
     config = None
     if args.resume:
-        given = [f"--{n}" for n in ("quick", "variants", "seed")
-                 if getattr(args, n) not in (None, False)]
-        if given:
-            parser.error(f"--resume keeps the options the run was started with; do not pass "
-                         f"{', '.join(given)}")
+        refuse_with_resume(parser, args, ("quick", "variants", "seed"))
     else:
         overrides = {k: v for k, v in (("variants", args.variants), ("seed", args.seed))
                      if v is not None}
         config = RunConfig.preset("quick" if args.quick else "default", **overrides)
-    if not any(not isinstance(h, logging.NullHandler) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("bem: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
+    log_to_stderr(log)
     try:
         device = resolve_device(args.device)
         run = prepare_run(config, out=args.out, resume=args.resume)

@@ -7,6 +7,7 @@ import logging
 import sys
 from datetime import datetime
 from pathlib import Path
+from bem._console import log_to_stderr
 
 log = logging.getLogger("bem")
 
@@ -39,11 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                      "it again)")
     overrides = {"seed": args.seed} if args.seed is not None else {}
     config = MultimodalConfig.preset("quick" if args.quick else "default", **overrides)
-    if not any(not isinstance(h, logging.NullHandler) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("bem: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
+    log_to_stderr(log)
     folder = _folder(args.out, config.seed)
     try:
         resolve_device(args.device)

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 import torch
 
 from bem.kv import KVCache, RoutingKey, weights_digest
-from bem.model.transformer import AttentionBatch
 from bem.modules.control import CHUNK_SIZE
 from bem.multimodal.model import MultimodalLM
 from bem.multimodal.vision import NUM_VISUAL_TOKENS, image_digest
