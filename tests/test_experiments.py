@@ -220,11 +220,16 @@ def test_evaluation_uses_the_cache_and_matches_uncached_generation():
     ev = evaluate(model, examples, max_new_tokens=4, progress=False)
     tok = ByteTokenizer()
     from bem.experiments.training import prompt_ids, shape_gates
+    lengths = []
     for ex, pred in zip(examples, ev.predictions):
         temp = shape_gates(model, [ex]).temperature
         ref = generate(model, [prompt_ids(ex)], 4, eos_token_id=tok.EOS, head_temperature=temp)[0]
         assert tok.decode(ref) == pred
-    assert len(ev.latency_ms_per_token) == 2
+        lengths.append(len(ref))
+    # decode latency per token over the requests with a decode step; TTFT for every request
+    assert len(ev.ttft_ms) == 2 and all(t > 0 for t in ev.ttft_ms)
+    assert len(ev.latency_ms_per_token) == (sum(n >= 2 for n in lengths) or 2)
+    assert ev.generated_tokens == sum(lengths)
     # V2's query-dependent temperatures enter the routing key (no reuse across questions); a
     # system without V2 reuses the passages' full blocks across the questions.
     v1 = build(base, plan_systems(base, ("V1",), 0.1, 64)[0][1], 0)

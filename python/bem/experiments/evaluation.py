@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -29,9 +29,12 @@ KV_BLOCKS = 512
 class Evaluation:
     """Per-example results (aligned with the examples) and the system's measurements.
 
-    latency_ms_per_token: (n,) wall time of each request (V2's gate shaping, prefill and decode)
-    divided by its generated tokens. peak_memory_bytes: peak accelerator memory on CUDA; on CPU
-    the bytes of parameters, buffers and KV-cache pool (see docs/run.md)."""
+    latency_ms_per_token: wall time of each request's decode steps (every token after the first)
+    divided by their number, for the requests that generated ≥ 2 tokens — the cost the adapter
+    adds to each generated token, not confounded by how long the answer is. ttft_ms: (n,) time
+    to the first token of each request (V2's gate shaping, prefill, the first sampling).
+    peak_memory_bytes: peak accelerator memory on CUDA; on CPU the bytes of parameters, buffers
+    and KV-cache pool (see docs/run.md)."""
 
     predictions: list[str]
     scores: dict[str, list[float]]
@@ -39,6 +42,7 @@ class Evaluation:
     generated_tokens: int
     peak_memory_bytes: int
     kv_cache_hit_rate: float
+    ttft_ms: list[float] = field(default_factory=list)
 
     @property
     def latency_p50_ms(self) -> float:
@@ -47,6 +51,10 @@ class Evaluation:
     @property
     def latency_p95_ms(self) -> float:
         return float(np.percentile(self.latency_ms_per_token, 95))
+
+    @property
+    def ttft_p50_ms(self) -> float:
+        return float(np.percentile(self.ttft_ms, 50)) if self.ttft_ms else float("nan")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,7 +72,10 @@ def _static_bytes(model: nn.Module, cache) -> int:
 
 
 def _request(model: nn.Module, ex: Example, engine: Engine, max_new_tokens: int,
-             route: Callable[[Example, int], torch.Tensor] | None = None) -> list[int]:
+             route: Callable[[Example, int], torch.Tensor] | None = None,
+             clock: Callable[[], float] = time.perf_counter) -> tuple[list[int], float, float]:
+    """(generated tokens, seconds to the first token, seconds of the decode steps after it)."""
+    start = clock()
     shaped = shape_gates(model, [ex])
     temp = shaped.temperature if shaped is not None else None
     ids = prompt_ids(ex)
@@ -72,9 +83,26 @@ def _request(model: nn.Module, ex: Example, engine: Engine, max_new_tokens: int,
     if route is not None:
         experts = route(ex, -(-(len(ids) + max_new_tokens) // CHUNK_SIZE))[0].tolist()
     params = SamplingParams(max_tokens=max_new_tokens, stop_token_ids=(TOKENIZER.EOS,))
-    return engine.generate([ids], params, experts=[experts],
-                           head_temperature=[temp[0] if temp is not None else None],
-                           temperature_from=[query_start(ex) if temp is not None else None])[0]
+    rid = engine.add_request(ids, params, experts=experts,
+                             head_temperature=temp[0] if temp is not None else None,
+                             temperature_from=query_start(ex) if temp is not None else None)
+    first = None
+    out: list[int] = []
+    try:
+        while engine.has_unfinished():
+            for o in engine.step():
+                if o.request_id != rid:
+                    continue
+                if first is None:
+                    first = clock()
+                if o.finished:
+                    out = o.token_ids
+    except BaseException:
+        if engine.has_unfinished():
+            engine.abort(rid)
+        raise
+    end = clock()
+    return out, first - start, end - first
 
 
 @torch.no_grad()
@@ -107,15 +135,20 @@ def evaluate(model: nn.Module, examples: Sequence[Example], *, max_new_tokens: i
     preds: list[str] = []
     scores: dict[str, list[float]] = {m: [] for m in METRICS}
     latency: list[float] = []
+    ttft: list[float] = []
     total = 0
-    for ex in tqdm(examples, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-        start = time.perf_counter()
-        out = _request(model, ex, engine, max_new_tokens, route)
+
+    def clock() -> float:
         if cuda:
             torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - start
+        return time.perf_counter()
+
+    for ex in tqdm(examples, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        out, first, decode = _request(model, ex, engine, max_new_tokens, route, clock)
         total += len(out)
-        latency.append(1000.0 * elapsed / len(out))
+        ttft.append(1000.0 * first)
+        if len(out) >= 2:
+            latency.append(1000.0 * decode / (len(out) - 1))
         text = TOKENIZER.decode(out)
         preds.append(text)
         for m, v in score(text, ex.answer, ex.fmt).items():
@@ -125,7 +158,11 @@ def evaluate(model: nn.Module, examples: Sequence[Example], *, max_new_tokens: i
     log.info("%s: %d examples, EM %.3f, latency p50 %.2f ms/token, KV hit rate %.3f", desc,
              len(examples), float(np.mean(scores["exact_match"])),
              float(np.percentile(latency, 50)), hit)
-    return Evaluation(preds, scores, latency, total, int(peak), float(hit))
+    if not latency:        # every answer was one token: no decode step to time
+        log.warning("%s: every request stopped after its first token; latency per token is the "
+                    "time to the first token", desc)
+        latency = list(ttft)
+    return Evaluation(preds, scores, latency, total, int(peak), float(hit), ttft)
 
 
 def slice_of(ex: Example) -> str:

@@ -194,11 +194,13 @@ def _systems_section(evals: dict[str, Evaluation], budgets: dict[str, BudgetRow]
     lines = ["## Systems", "",
              f"Every system trains only its adapter on the frozen base, with the same seed, data "
              f"order, steps and learning rate. Budget target: {target} trainable parameters; the "
-             f"baseline is a static LoRA on the attention input, and each variant is sized to within a rank or width step of it. Latency is wall time "
-             f"per generated token of single requests (greedy, through the KV cache).", "",
+             f"baseline is a static LoRA on the attention input, and each variant is sized to within a rank or width step of it. Latency is the wall time "
+             f"of a request's decode steps per generated token after the first (single requests, "
+             f"greedy, through the KV cache; requests of one token are left out); TTFT is the time "
+             f"to the first token (V2's gate shaping and the prefill).", "",
              "| system | what | trainable params | FLOPs/token | EM | F1 | format | latency p50 "
-             "(ms/token) | p95 | peak memory (MiB) | KV hit rate |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "(ms/token) | p95 | TTFT p50 (ms) | peak memory (MiB) | KV hit rate |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, ev in evals.items():
         b = budgets[name]
         what = "static LoRA" if name == BASELINE else VARIANT_TITLES[name]
@@ -207,7 +209,8 @@ def _systems_section(evals: dict[str, Evaluation], budgets: dict[str, BudgetRow]
             f"{_fmt(float(np.mean(ev.scores['exact_match'])))} | "
             f"{_fmt(float(np.mean(ev.scores['token_f1'])))} | "
             f"{_fmt(float(np.mean(ev.scores['format_valid'])))} | {_fmt(ev.latency_p50_ms, 2)} | "
-            f"{_fmt(ev.latency_p95_ms, 2)} | {ev.peak_memory_bytes / 2**20:.1f} | "
+            f"{_fmt(ev.latency_p95_ms, 2)} | {_fmt(ev.ttft_p50_ms, 2)} | "
+            f"{ev.peak_memory_bytes / 2**20:.1f} | "
             f"{_fmt(ev.kv_cache_hit_rate)} |")
     return lines + [""]
 
