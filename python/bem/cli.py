@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cli.register(sub)
     from bem.online import cli as online_cli
     online_cli.register(sub)
+    from bem.safety import cli as safety_cli
+    safety_cli.register(sub)
     return parser
 
 

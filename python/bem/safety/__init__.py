@@ -3,6 +3,7 @@
 (exact ‖s·B A‖₂ from the factors, projection to a spectral budget), the violation detector
 (must-refuse, must-not-leak, format policies on streamed outputs) and the controller that ties
 them to a training loop and gates updates on violation rates. See docs/safety.md."""
+from bem.safety.acceptance import validate_with_violations
 from bem.safety.basis import (BasisFit, SafetyBasis, layer_activations, orthogonality_ratio,
                               principal_basis, project_factors)
 from bem.safety.controller import SafetyController, adapted_layers
@@ -16,4 +17,5 @@ __all__ = ["BasisFit", "FormatConstraint", "MustNotLeak", "MustRefuse", "OutputR
            "ProjectionEvent", "Request", "SafetyBasis", "SafetyController", "SpectralMonitor",
            "SpectralProjection", "ViolationDetector", "ViolationGate", "ViolationStream",
            "adapted_layers", "layer_activations", "lora_spectral_norm", "lora_top_singular",
-           "orthogonality_ratio", "principal_basis", "project_factors", "violation_gate"]
+           "orthogonality_ratio", "principal_basis", "project_factors", "validate_with_violations",
+           "violation_gate"]

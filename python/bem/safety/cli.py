@@ -1,0 +1,78 @@
+"""`bem safety`: the safety measurement (docs/safety.md). Registered by bem.cli with
+``from bem.safety import cli as safety_cli; safety_cli.register(sub)``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger("bem")
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {v}")
+    return v
+
+
+def _budget(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {v}")
+    return v
+
+
+def register(sub) -> None:
+    """Adds the `safety` subcommand to bem's argparse subparsers."""
+    p = sub.add_parser(
+        "safety", help="adapters with and without the safety basis: refusals kept vs "
+                       "adaptation gain, with the violation gate (docs/safety.md)",
+        description="Pre-trains (or loads) the safety base — the default base further trained "
+                    "with the safety skill — computes the safety basis, trains the static LoRA "
+                    "with and without it, evaluates refusals, leaks, false refusals and the "
+                    "adaptation gain, and validates with the violation gate.")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny base and few steps (about a minute; the numbers mean nothing)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=_seed, default=None, help="training seed (default 0)")
+    p.add_argument("--spectral-budget", type=_budget, default=None, metavar="B",
+                   help="also train an adapter under the basis and SpectralMonitor(B)")
+    p.add_argument("--out", default=None, help="output folder (default: a new one under "
+                                               "./bem-runs)")
+    p.add_argument("--cache", default=None, help="base-model cache root (default: bem's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_safety, parser=p)
+
+
+def _cmd_safety(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from bem.safety.experiment import SafetyConfig, run_safety, summary_table
+
+    overrides = {k: v for k, v in (("seed", args.seed), ("spectral_budget", args.spectral_budget))
+                 if v is not None}
+    if not any(not isinstance(h, logging.NullHandler) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("bem: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    try:
+        config = SafetyConfig.preset("quick" if args.quick else "default", **overrides)
+        with logging_redirect_tqdm(loggers=[log]):
+            outcome = run_safety(config, out=args.out, device=args.device,
+                                 progress=not args.no_progress, cache=args.cache)
+    except ValueError as exc:
+        args.parser.error(str(exc))
+    except KeyboardInterrupt:
+        print("bem safety: interrupted", file=sys.stderr)
+        return 130
+    print(summary_table(outcome.summary))
+    print(f"\nfolder: {outcome.folder}\nreport: {outcome.report_path}")
+    return 0
