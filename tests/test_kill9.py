@@ -42,7 +42,7 @@ STAGES = ["base", "base_eval", "plan", "train:experts", "train:baseline", "eval:
           "train:V2", "eval:V2", "train:AR1", "eval:AR1", "train:per_request", "eval:per_request",
           "results", "validate", "report"]
 # Fields that measure time or name the folder: everything else must be identical.
-VOLATILE = ("latency", "seconds", "created", "experiment", "cached", "path")
+VOLATILE = ("latency", "ttft", "seconds", "created", "experiment", "cached", "path")
 
 
 def _env(cache: Path) -> dict[str, str]:
