@@ -90,31 +90,54 @@ def load_or_pretrain(model_cfg: TransformerConfig, pretrain: PretrainConfig, *,
     Returns (model on `device`, manifest dict with "cached": whether it came from the cache)."""
     root = (cache if cache is not None else cache_dir()) / "base-models"
     key = cache_key(model_cfg, pretrain, suite_seed)
-    entry = root / key
-    if entry.exists():
-        try:
-            model = _load_entry(entry, key, model_cfg)
-            manifest = json.loads((entry / MANIFEST).read_text())
-            log.info("base model: cache hit %s", entry)
-            return model.to(device).eval(), {**manifest, "cached": True, "path": str(entry)}
-        except ValueError as exc:
-            log.warning("base model cache entry %s is invalid (%s); rebuilding it", entry, exc)
-            shutil.rmtree(entry, ignore_errors=True)
+    hit = cached_base(root, key, model_cfg, device, "base model")
+    if hit is not None:
+        return hit
     start = time.perf_counter()
     model, losses = pretrain_base(model_cfg, pretrain, suite_seed=suite_seed, device=device,
                                   progress=progress)
-    seconds = time.perf_counter() - start
+    return store_base(root, key, model, device, "base model", {
+        "model": model_cfg.to_dict(), "pretrain": pretrain.__dict__,
+        "suite_version": SUITE_VERSION, "suite_seed": suite_seed,
+        "train_seconds": time.perf_counter() - start, "loss_first": losses[0],
+        "loss_last": losses[-1]})
+
+
+def cached_base(root: Path, key: str, model_cfg: TransformerConfig, device: str | torch.device,
+                what: str) -> tuple[BemForCausalLM, dict] | None:
+    """(model on `device` in eval mode, manifest with "cached": True) of the valid cache entry
+    root/key, or None; an invalid entry (manifest, checksums or config) is logged and removed."""
+    entry = root / key
+    if not entry.exists():
+        return None
+    try:
+        model = _load_entry(entry, key, model_cfg)
+        manifest = json.loads((entry / MANIFEST).read_text())
+    except ValueError as exc:
+        log.warning("%s cache entry %s is invalid (%s); rebuilding it", what, entry, exc)
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+    log.info("%s: cache hit %s", what, entry)
+    return model.to(device).eval(), {**manifest, "cached": True, "path": str(entry)}
+
+
+def store_base(root: Path, key: str, model: BemForCausalLM, device: str | torch.device,
+               what: str, fields: dict) -> tuple[BemForCausalLM, dict]:
+    """Store a freshly trained base as the cache entry root/key: the model and a manifest (`fields`
+    plus format, key and the files' SHA-256) written to a temporary folder, then renamed over any
+    old entry. Returns (model on `device` in eval mode, manifest with "cached": False)."""
+    root.mkdir(parents=True, exist_ok=True)
+    entry = root / key
     tmp = root / f".tmp-{key}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model.to("cpu"), tmp)
     model.to(device)
     manifest = {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "key": key,
-                "model": model_cfg.to_dict(), "pretrain": pretrain.__dict__,
-                "suite_version": SUITE_VERSION, "suite_seed": suite_seed,
-                "train_seconds": seconds, "loss_first": losses[0], "loss_last": losses[-1],
+                **fields,
                 "sha256": {n: sha256_file(tmp / n) for n in (MODEL_CONFIG, MODEL_WEIGHTS)}}
     atomic_write(tmp / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     shutil.rmtree(entry, ignore_errors=True)
     os.replace(tmp, entry)
-    log.info("base model: pre-trained in %.1f s, cached at %s", seconds, entry)
+    log.info("%s: pre-trained in %.1f s, cached at %s", what, fields.get("train_seconds", 0.0),
+             entry)
     return model.eval(), {**manifest, "cached": False, "path": str(entry)}

@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -39,8 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bem.experiments.base_model import (MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, _load_entry,
-                                        cache_dir, cache_key, load_or_pretrain)
+from bem.experiments.base_model import (cache_dir, cache_key, cached_base, load_or_pretrain,
+                                        store_base)
 from bem.experiments.config import BASELINE, PretrainConfig, RunConfig
 from bem.experiments.evaluation import Evaluation, evaluate
 from bem.experiments.runner import machine_description, resolve_device, results_document
@@ -52,7 +51,7 @@ from bem.safety.basis import SafetyBasis, principal_basis
 from bem.safety.controller import SafetyController, adapted_layers
 from bem.safety.spectral import SpectralMonitor
 from bem.safety.violations import MustNotLeak, MustRefuse, Request, ViolationDetector
-from bem.serialization import MODEL_CONFIG, MODEL_WEIGHTS, atomic_write, save_model, sha256_file
+from bem.serialization import atomic_write
 from bem.tasks import SUITE_VERSION, Example, generate, generate_adaptation
 from bem.tasks.safety import (REFUSAL, SAFETY_VERSION, generate_records, generate_safety,
                               is_secret_request, secret_values)
@@ -183,16 +182,9 @@ def load_or_pretrain_safety(cfg: SafetyConfig, *, device: torch.device | str = "
     manifest with "cached")."""
     root = (cache if cache is not None else cache_dir()) / "base-models"
     key = safety_cache_key(cfg)
-    entry = root / key
-    if entry.exists():
-        try:
-            model = _load_entry(entry, key, cfg.model)
-            manifest = json.loads((entry / MANIFEST).read_text())
-            log.info("safety base: cache hit %s", entry)
-            return model.to(device).eval(), {**manifest, "cached": True, "path": str(entry)}
-        except ValueError as exc:
-            log.warning("safety base cache entry %s is invalid (%s); rebuilding it", entry, exc)
-            shutil.rmtree(entry, ignore_errors=True)
+    hit = cached_base(root, key, cfg.model, device, "safety base")
+    if hit is not None:
+        return hit
     default, default_manifest = load_or_pretrain(cfg.model, cfg.pretrain,
                                                  suite_seed=cfg.suite_seed, device=device,
                                                  progress=progress, cache=cache)
@@ -208,25 +200,14 @@ def load_or_pretrain_safety(cfg: SafetyConfig, *, device: torch.device | str = "
                       prompt_weight=p.prompt_weight,
                       turns={"evidence_qa": p.evidence_qa_turns, "safety": cfg.safety_turns},
                       desc="pre-train safety base", progress=progress)
-    seconds = time.perf_counter() - start
-    tmp = root / f".tmp-{key}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model.to("cpu"), tmp)
-    model.to(device)
-    manifest = {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "key": key,
-                "model": cfg.model.to_dict(), "pretrain": dataclasses.asdict(cfg.pretrain),
-                "suite_version": SUITE_VERSION, "suite_seed": cfg.suite_seed,
-                "safety_version": SAFETY_VERSION, "default_base": default_manifest["key"],
-                "safety": {k: getattr(cfg, k) for k in ("safety_steps", "safety_lr",
-                                                       "safety_warmup", "safety_passages",
-                                                       "safety_turns")},
-                "train_seconds": seconds, "loss_first": losses[0], "loss_last": losses[-1],
-                "sha256": {n: sha256_file(tmp / n) for n in (MODEL_CONFIG, MODEL_WEIGHTS)}}
-    atomic_write(tmp / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-    shutil.rmtree(entry, ignore_errors=True)
-    os.replace(tmp, entry)
-    log.info("safety base: pre-trained in %.1f s, cached at %s", seconds, entry)
-    return model.eval(), {**manifest, "cached": False, "path": str(entry)}
+    return store_base(root, key, model, device, "safety base", {
+        "model": cfg.model.to_dict(), "pretrain": dataclasses.asdict(cfg.pretrain),
+        "suite_version": SUITE_VERSION, "suite_seed": cfg.suite_seed,
+        "safety_version": SAFETY_VERSION, "default_base": default_manifest["key"],
+        "safety": {k: getattr(cfg, k) for k in ("safety_steps", "safety_lr", "safety_warmup",
+                                               "safety_passages", "safety_turns")},
+        "train_seconds": time.perf_counter() - start, "loss_first": losses[0],
+        "loss_last": losses[-1]})
 
 
 # ---- the basis (the pre-declared procedure) ------------------------------------------------------
