@@ -6,6 +6,17 @@ import logging
 import sys
 
 
+def seed_arg(text: str) -> int:
+    """argparse type of --seed: an integer >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
 def log_to_stderr(log: logging.Logger, level: int | str | None = logging.INFO) -> None:
     """Send `log`'s records to stderr as ``bem: message`` unless a real handler is attached
     already (an application's own logging configuration wins); set its level when given."""

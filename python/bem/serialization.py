@@ -264,23 +264,30 @@ def from_pretrained(model: nn.Module, directory: str | os.PathLike, *,
                          f"{ADAPTER_CONFIG}")
     attach(model, config, freeze_base=freeze_base)
     try:
-        expected = adapter_state_dict(model)
-        missing = sorted(set(expected) - set(tensors))
-        extra = sorted(set(tensors) - set(expected))
-        if missing or extra:
-            raise ValueError(f"{directory}: adapter does not fit this model: missing {missing[:5]}, "
-                             f"unexpected {extra[:5]}")
-        for k, t in expected.items():
-            if tuple(t.shape) != tuple(tensors[k].shape):
-                raise ValueError(f"{directory}: tensor {k!r}: shape {tuple(tensors[k].shape)} in "
-                                 f"the file, {tuple(t.shape)} in the model")
-        with torch.no_grad():
-            for k, t in expected.items():
-                t.copy_(tensors[k])
+        copy_adapter_tensors(model, tensors, directory)
     except BaseException:
         detach(model)
         raise
     return model
+
+
+def copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor],
+                         directory: str | os.PathLike) -> None:
+    """Copy a saved adapter's tensors into the attached bem parameters of `model`; ValueError
+    (naming `directory`) when names or shapes do not match, before anything is copied."""
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{directory}: adapter does not fit this model: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}")
+    for k, t in expected.items():
+        if tuple(t.shape) != tuple(tensors[k].shape):
+            raise ValueError(f"{directory}: tensor {k!r}: shape {tuple(tensors[k].shape)} in "
+                             f"the file, {tuple(t.shape)} in the model")
+    with torch.no_grad():
+        for k, t in expected.items():
+            t.copy_(tensors[k])
 
 
 def save_model(model: nn.Module, directory: str | os.PathLike) -> None:

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from bem.experiments.config import VARIANTS, RunConfig
-from bem._console import log_to_stderr, refuse_with_resume
+from bem._console import log_to_stderr, refuse_with_resume, seed_arg
 
 log = logging.getLogger("bem")
 
@@ -23,16 +23,6 @@ def _variants(text: str) -> tuple[str, ...]:
     return names
 
 
-def _seed(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
-
-
 def register(sub) -> None:
     p = sub.add_parser("run", help="train, evaluate and validate the variants against a "
                        "budget-matched baseline on the embedded default; write a report",
@@ -45,7 +35,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--variants", type=_variants, default=None,
                    help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
-    p.add_argument("--seed", type=_seed, default=None, help="training seed (default 0)")
+    p.add_argument("--seed", type=seed_arg, default=None, help="training seed (default 0)")
     p.add_argument("--out", default=None,
                    help="run folder (default: a new folder under ./bem-runs)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="FOLDER",

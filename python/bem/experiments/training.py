@@ -149,6 +149,18 @@ def lm_batch(examples: Sequence[Example], prompt_weight: float, device: torch.de
     return ids.to(device), valid.to(device), ids[:, 1:].to(device), weights.to(device)
 
 
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, T) float32 cross-entropy of each next-token prediction: logits (B, T, V), targets (B, T)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           reduction="none").view(targets.shape)
+
+
+def weighted_lm_loss(logits: torch.Tensor, targets: torch.Tensor,
+                     weights: torch.Tensor) -> torch.Tensor:
+    """The next-token loss of lm_batch's (targets, weights): Σ w·CE / Σ w."""
+    return (token_nll(logits, targets) * weights).sum() / weights.sum()
+
+
 def _lr_at(step: int, steps: int, warmup: int, lr: float) -> float:
     """Linear warm-up, then cosine decay to 10% of lr."""
     if step < warmup:
@@ -192,9 +204,7 @@ def train_lm(model: nn.Module, examples: Sequence[Example], *, steps: int, batch
         control, shaped = batch_control(model, batch, ids,
                                         route(batch) if route is not None else None)
         logits = model(ids, valid=valid, control=control)[:, :-1]
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                             reduction="none").view_as(weights)
-        loss = (ce * weights).sum() / weights.sum()
+        loss = weighted_lm_loss(logits, targets, weights)
         if shaped is not None:
             gold = torch.tensor([evidence(ex)[2] for ex in batch], device=device)
             aux = shaped.loss

@@ -15,12 +15,11 @@ import logging
 import os
 from pathlib import Path
 
-import torch
 from torch import nn
 from transformers import Trainer
 
 from bem.attach import BemConfig
-from bem.serialization import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_state_dict, load_file,
+from bem.serialization import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, copy_adapter_tensors, load_file,
                                save_pretrained)
 
 log = logging.getLogger("bem.hf")
@@ -51,19 +50,7 @@ def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> nn.M
         raise ValueError(f"{path}: not a bem adapter config ({exc})") from None
     if saved != config:
         raise ValueError(f"{directory}: the checkpoint's bem config differs from the model's")
-    tensors, _ = load_file(directory / ADAPTER_WEIGHTS)
-    expected = adapter_state_dict(model)
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise ValueError(f"{directory}: adapter does not fit this model: missing {missing[:5]}, "
-                         f"unexpected {extra[:5]}")
-    for k, t in expected.items():
-        if tuple(t.shape) != tuple(tensors[k].shape):
-            raise ValueError(f"{directory}: tensor {k!r}: shape {tuple(tensors[k].shape)} in the "
-                             f"file, {tuple(t.shape)} in the model")
-    with torch.no_grad():
-        for k, t in expected.items():
-            t.copy_(tensors[k])
+    copy_adapter_tensors(model, load_file(directory / ADAPTER_WEIGHTS)[0], directory)
     return model
 
 

@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bem.attach import AdapterSpec, BemConfig, attach
 from bem.budget import count
+from bem.experiments.training import weighted_lm_loss
 from bem.model import BemForCausalLM, new_kv_cache
 from bem.multimodal.coverage import TOKENIZER, coverage, example_tokens
 from bem.multimodal.generation import generate
@@ -192,9 +192,7 @@ def train(model: MultimodalLM, examples: Sequence[ImageExample], bank: ImageBank
         ids, valid, targets, weights = lm_batch([examples[i] for i in idx], device)
         images = bank.of(idx).to(device) if bank is not None else None
         logits = model(ids, images, valid=valid)[:, :-1]
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                             reduction="none").view_as(weights)
-        loss = (ce * weights).sum() / weights.sum()
+        loss = weighted_lm_loss(logits, targets, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

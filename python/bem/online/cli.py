@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from bem._console import log_to_stderr, refuse_with_resume
+from bem._console import log_to_stderr, refuse_with_resume, seed_arg
 
 log = logging.getLogger("bem")
 
@@ -20,7 +20,7 @@ def register(sub) -> None:
                        "checkpoint, against an unguarded learner and EWC vs no EWC.")
     p.add_argument("--quick", action="store_true", help="a small configuration (a few minutes)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=None, help="stream and training seed (default 0)")
+    p.add_argument("--seed", type=seed_arg, default=None, help="stream and training seed (default 0)")
     p.add_argument("--out", default=None, help="run folder (default: a new folder under ./bem-runs)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="FOLDER",
                    help="continue an interrupted run (FOLDER, --out, or the latest unfinished "
@@ -65,8 +65,6 @@ def _cmd_online(args: argparse.Namespace) -> int:
     if args.resume:
         refuse_with_resume(parser, args, ("quick", "seed"))
     else:
-        if args.seed is not None and args.seed < 0:
-            parser.error(f"--seed: expected an integer >= 0, got {args.seed}")
         overrides = {"seed": args.seed} if args.seed is not None else {}
         config = OnlineConfig.preset("quick" if args.quick else "default", **overrides)
     log_to_stderr(log)

@@ -22,13 +22,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bem.attach import BemConfig, attach
 from bem.experiments.base_model import load_or_pretrain
 from bem.experiments.config import RunConfig
 from bem.experiments.routing import answer_spans
-from bem.experiments.training import lm_batch
+from bem.experiments.training import lm_batch, token_nll
 from bem.online.canary import CanaryJudge, MetricSpec
 from bem.online.checkpoints import CheckpointRing
 from bem.online.drift import ADWIN, KSWIN, DriftEnsemble, PageHinkley, detector_from_state
@@ -147,8 +146,7 @@ def answer_nll(model, items: Sequence[Example]) -> torch.Tensor:
     device = model.lm_head.weight.device
     ids, valid, targets, _ = lm_batch(items, 0.0, device)
     logits = model(ids, valid=valid)[:, :-1]
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                         reduction="none").view(targets.shape)
+    ce = token_nll(logits, targets)
     mask = torch.zeros_like(ce)
     for b, ex in enumerate(items):
         start, end = answer_spans(ex)[-1]

@@ -6,17 +6,9 @@ import argparse
 import logging
 import sys
 
+from bem._console import log_to_stderr, seed_arg
+
 log = logging.getLogger("bem")
-
-
-def _seed(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {v}")
-    return v
 
 
 def _budget(text: str) -> float:
@@ -41,7 +33,7 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a tiny base and few steps (about a minute; the numbers mean nothing)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=_seed, default=None, help="training seed (default 0)")
+    p.add_argument("--seed", type=seed_arg, default=None, help="training seed (default 0)")
     p.add_argument("--spectral-budget", type=_budget, default=None, metavar="B",
                    help="also train an adapter under the basis and SpectralMonitor(B)")
     p.add_argument("--out", default=None, help="output folder (default: a new one under "
@@ -58,11 +50,7 @@ def _cmd_safety(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in (("seed", args.seed), ("spectral_budget", args.spectral_budget))
                  if v is not None}
-    if not any(not isinstance(h, logging.NullHandler) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("bem: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
+    log_to_stderr(log)
     try:
         config = SafetyConfig.preset("quick" if args.quick else "default", **overrides)
         with logging_redirect_tqdm(loggers=[log]):

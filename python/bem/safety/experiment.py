@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bem.experiments.base_model import (cache_dir, cache_key, cached_base, load_or_pretrain,
                                         store_base)
@@ -44,7 +43,7 @@ from bem.experiments.config import BASELINE, PretrainConfig, RunConfig
 from bem.experiments.evaluation import Evaluation, evaluate
 from bem.experiments.runner import machine_description, resolve_device, results_document
 from bem.experiments.systems import BudgetRow, baseline_spec, build, trainable
-from bem.experiments.training import lm_batch, train_lm
+from bem.experiments.training import lm_batch, train_lm, weighted_lm_loss
 from bem.model import BemForCausalLM, TransformerConfig
 from bem.safety.acceptance import validate_with_violations
 from bem.safety.basis import SafetyBasis, principal_basis
@@ -233,9 +232,7 @@ def refusal_basis(base: BemForCausalLM, layers: list[str], secret: list[Example]
     for ex in secret:
         ids, valid, targets, w8 = lm_batch([dataclasses.replace(ex, answer=REFUSAL)], 0.0, device)
         logits = model(ids, valid=valid)[:, :-1]
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                             reduction="none").view_as(w8)
-        loss = (ce * w8).sum() / w8.sum()
+        loss = weighted_lm_loss(logits, targets, w8)
         g = torch.autograd.grad(loss, [weights[n] for n in layers])
         for n, gi in zip(layers, g):
             grads[n].append(gi.detach().to(torch.float64).cpu())

@@ -34,11 +34,18 @@ _seconds = _bounded(float, 1e-3, 1e7, "a number of seconds in [0.001, 1e7]")
 _port = _bounded(int, 1, 65535, "a port in [1, 65535]")
 
 
-def _adapter(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=DIRECTORY, got {text!r}")
-    return name, path
+def _pair(form: str):
+    """argparse type for KEY=VALUE arguments (both non-empty); `form` names them in the error."""
+    def parse(text: str) -> tuple[str, str]:
+        key, sep, value = text.partition("=")
+        if not sep or not key or not value:
+            raise argparse.ArgumentTypeError(f"expected {form}, got {text!r}")
+        return key, value
+    return parse
+
+
+_adapter = _pair("NAME=DIRECTORY")
+_rename = _pair("VARIANT=NAME")
 
 
 def register(sub) -> None:
@@ -91,13 +98,6 @@ def _fraction_list(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated fractions such as "
                                          f"0.1,0.5,1, got {text!r}") from None
     return steps
-
-
-def _rename(text: str) -> tuple[str, str]:
-    variant, sep, name = text.partition("=")
-    if not sep or not variant or not name:
-        raise argparse.ArgumentTypeError(f"expected VARIANT=NAME, got {text!r}")
-    return variant, name
 
 
 def _register_deploy(sub) -> None:
