@@ -156,7 +156,7 @@ class RunConfig:
             return dataclasses.replace(cls(), **overrides)
         if name == "quick":
             quick = cls(pretrain=PretrainConfig(steps=3000, warmup=50, evidence_qa_turns=1),
-                        train_steps=240, train_batch_size=16, train_single=300, train_switch=150,
+                        train_steps=160, train_batch_size=16, train_single=300, train_switch=150,
                         eval_single=24, eval_switch=12, max_new_tokens=16, budget_fraction=0.05,
                         n_resamples=2000, ar1_iterations=10, ar1_batch_size=32)
             return dataclasses.replace(quick, **overrides)
