@@ -5,9 +5,11 @@ training still reduces the loss — plus snapshot/restore and configuration erro
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from bem.attach import BemConfig, attach
 from bem.model import BemForCausalLM, TransformerConfig
+from bem.modules import LoRA
 from bem.safety import (SafetyBasis, SafetyController, SpectralMonitor, adapted_layers,
                         lora_spectral_norm)
 
@@ -116,3 +118,31 @@ def test_snapshot_restore_and_configuration_errors():
         ctl.attach_to(object())
     with pytest.raises(ValueError, match="^detector:"):
         ctl.check([])
+
+
+def test_an_input_and_an_output_basis_hold_together():
+    torch.manual_seed(3)
+    net = nn.Sequential(LoRA(nn.Linear(12, 10), rank=3))
+    U_in = torch.linalg.qr(torch.randn(12, 4, dtype=torch.float64))[0]
+    U_out = torch.linalg.qr(torch.randn(10, 3, dtype=torch.float64))[0]
+    ctl = SafetyController(net, basis=[SafetyBasis({"0": U_in}, "input"),
+                                       SafetyBasis({"0": U_out}, "output")])
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    ctl.attach_to(opt)
+    for _ in range(10):
+        opt.zero_grad()
+        net(torch.randn(16, 12)).square().mean().backward()
+        opt.step()
+    ortho = ctl.report()["orthogonality"]
+    assert set(ortho) == {"input:0", "output:0"} and max(ortho.values()) <= 1e-5
+    m = net[0]
+    dW = (m.scale * (m.lora_B[0].double() @ m.lora_A[0].double())).detach()
+    assert float((dW @ U_in).norm()) <= 1e-5 * float(dW.norm())
+    assert float((U_out.T @ dW).norm()) <= 1e-5 * float(dW.norm())
+    assert float(dW.norm()) > 0
+    with pytest.raises(ValueError, match="one basis per side"):
+        SafetyController(net, basis=[SafetyBasis({"0": U_in}), SafetyBasis({"0": U_in})])
+    with pytest.raises(TypeError, match=r"basis\[1\]"):
+        SafetyController(net, basis=[SafetyBasis({"0": U_in}), U_out])
+    with pytest.raises(TypeError, match="basis"):
+        SafetyController(net, basis=U_in)

@@ -15,7 +15,8 @@ from bem.experiments.runner import results_document
 from bem.experiments.systems import BudgetRow
 from bem.model import BemForCausalLM, TransformerConfig
 from bem.safety.acceptance import SAFETY_GATE, validate_with_violations
-from bem.safety.experiment import SafetyConfig, refusal_basis, safety_reports
+from bem.safety.experiment import (CANDIDATES, SafetyConfig, safety_basis, safety_reports,
+                                   select_basis)
 from bem.tasks import generate_adaptation
 from bem.tasks.safety import (REFUSAL, generate_records, generate_safety, is_secret_request,
                               secret_values)
@@ -49,6 +50,15 @@ def test_safety_splits_are_disjoint_and_records_answer_secrets():
     assert len(secret) == 30 and all(ex.answer in secret_values(ex) for ex in secret)
     assert not {ex.prompt.rsplit("\nQ:", 1)[0] for ex in generate_records("test", 40)} & \
         passages["train"]
+
+
+def test_indirect_records_leave_the_secret_question_out():
+    direct, indirect = generate_records("train", 25), generate_records("train", 25, secrets=False)
+    assert len(direct) == 75 and len(indirect) == 50
+    assert not any(is_secret_request(ex) for ex in indirect)
+    assert [ex for ex in direct if not is_secret_request(ex)] == indirect   # same passages
+    with pytest.raises(TypeError, match="secrets"):
+        generate_records("train", 2, secrets=1)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -160,21 +170,114 @@ def test_safety_reports_count_refusals_leaks_and_false_refusals():
 
 # ---- the basis and the whole command -------------------------------------------------------------
 
-def test_refusal_basis_is_orthonormal_with_ranks_by_energy():
+def _tiny_model():
     torch.manual_seed(0)
-    model = BemForCausalLM(TransformerConfig(vocab_size=260, d_model=16, n_layers=1, n_heads=2,
-                                             d_ff=32, max_positions=320, positions="learned"))
-    secret = [ex for ex in generate_safety("validation", 6) if is_secret_request(ex)]
-    layers = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
-    basis, info = refusal_basis(model, layers, secret, energy=0.5, max_rank=4)
-    for n in layers:
-        U = basis[n]
-        assert U.shape[0] == 16 and 1 <= U.shape[1] == info[n]["rank"] <= 4
-        assert torch.allclose(U.T @ U, torch.eye(U.shape[1], dtype=U.dtype), atol=1e-10)
-        assert info[n]["explained"] >= 0.5 or info[n]["rank"] == 4
+    # rotary positions: layer 0's input at the last position is then the same for every prompt
+    return BemForCausalLM(TransformerConfig(vocab_size=260, d_model=16, n_layers=2, n_heads=2,
+                                            d_ff=32, max_positions=320, positions="rotary"))
+
+
+_LAYERS = [f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qv"]
+
+
+def _basis_requests(n):
+    passages = generate_safety("validation", n)
+    secret = [ex for ex in passages if is_secret_request(ex)]
+    public = [next(p for p in passages if p.group == ex.group and not is_secret_request(p)
+                   and p.prompt.endswith(" code?\nA:")) for ex in secret]
+    return secret, public
+
+
+@pytest.mark.parametrize("source, side", [("refusal-gradient", "input"),
+                                          ("refusal-gradient", "output"),
+                                          ("leak-gradient", "both"), ("activation", "input")])
+def test_safety_basis_procedures_are_orthonormal_with_ranks_by_energy(source, side):
+    model = _tiny_model()
+    secret, public = _basis_requests(6)
+    bases, info = safety_basis(model, _LAYERS, secret, public, source=source, side=side,
+                               energy=0.5, max_rank=4)
+    assert [b.side for b in bases] == (["input", "output"] if side == "both" else [side])
+    for b in bases:
+        for n in b.layers:
+            U = b[n]
+            assert U.shape[0] == 16 and 1 <= U.shape[1] == info[f"{b.side}:{n}"]["rank"] <= 4
+            assert torch.allclose(U.T @ U, torch.eye(U.shape[1], dtype=U.dtype), atol=1e-10)
+            assert info[f"{b.side}:{n}"]["explained"] >= 0.5 or U.shape[1] == 4
+    if source == "activation":
+        # layer 0's input at the last position is the same token for both requests: no basis
+        assert sorted(bases[0].layers) == _LAYERS[2:]
+        assert info[f"input:{_LAYERS[0]}"]["rank"] == 0
+    else:
+        assert sorted(bases[0].layers) == _LAYERS
     assert all(not p.requires_grad or p.grad is None for p in model.parameters())
-    with pytest.raises(ValueError, match="secret"):
-        refusal_basis(model, layers, [], energy=0.5, max_rank=4)
+
+
+def test_leak_and_refusal_gradients_give_different_bases():
+    model = _tiny_model()
+    secret, _ = _basis_requests(6)
+    (a,), _ = safety_basis(model, _LAYERS, secret, source="refusal-gradient", max_rank=2)
+    (b,), _ = safety_basis(model, _LAYERS, secret, source="leak-gradient", max_rank=2)
+    assert any(not torch.allclose(a[n], b[n]) for n in _LAYERS)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(secret=[]), "secret"), (dict(source="weights"), "source"),
+    (dict(source="activation", side="output"), "side"), (dict(side="left"), "side"),
+    (dict(source="activation", public=None), "public")])
+def test_safety_basis_errors_name_the_argument(kwargs, match):
+    model = _tiny_model()
+    secret, public = _basis_requests(3)
+    args = dict(secret=secret, public=public, source="refusal-gradient", side="input")
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        safety_basis(model, _LAYERS, args.pop("secret"), args.pop("public"), **args)
+
+
+def test_basis_names_and_the_declared_candidates():
+    assert len(CANDIDATES) == 14 and len(set(CANDIDATES)) == 14
+    cfg = SafetyConfig.preset("quick")
+    assert cfg.basis_name == "refusal-gradient:input:r99-8"
+    c = cfg.with_basis("leak-gradient:both:r99")
+    assert (c.basis_source, c.basis_side, c.basis_energy, c.basis_max_rank) == \
+        ("leak-gradient", "both", 0.99, 32)
+    assert SafetyConfig().basis_name == "refusal-gradient:input:r99-32"   # the chosen default
+    assert cfg.with_basis(cfg.basis_name) == cfg                    # names round-trip
+    c = cfg.with_basis("activation:input:r95-12")
+    assert (c.basis_energy, c.basis_max_rank, c.basis_name) == \
+        (0.95, 12, "activation:input:r95-12")
+    for bad in ("leak-gradient:both", "leak:input:r90", "activation:output:r90",
+                "refusal-gradient:input:r50", "refusal-gradient:input:r0-4",
+                "refusal-gradient:input:r101-4", "refusal-gradient:input:r90-0",
+                "refusal-gradient:input:r90-", 3):
+        with pytest.raises(ValueError, match="basis"):
+            cfg.with_basis(bad)
+    with pytest.raises(ValueError, match="pull"):
+        SafetyConfig.preset("quick", pull="sideways")
+
+
+def test_select_basis_on_validation_only(tmp_path):
+    cfg = SafetyConfig.preset("quick", pull="indirect")
+    chosen = select_basis(cfg, ("refusal-gradient:input:r90", "activation:input:r90"),
+                          out=tmp_path / "sel", progress=False, cache=tmp_path / "cache")
+    doc = json.loads((tmp_path / "sel" / "selection.json").read_text())
+    assert doc["pull"] == "indirect" and doc["chosen"] == chosen.chosen
+    assert set(doc["rows"]) == {"baseline", "lora", "refusal-gradient:input:r90",
+                                "activation:input:r90"}
+    for c in doc["candidates"]:
+        assert doc["rows"][c]["max_orthogonality"] <= 1e-5 and doc["rows"][c]["total_rank"] >= 1
+    assert (tmp_path / "sel" / "selection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "sel" / "selection.md").read_text()
+    assert md.startswith("# bem safety --select (pull: indirect)") and "Chosen" in md
+    # the chosen one follows the declared rule (None only when nothing could be scored)
+    scored = {c: doc["rows"][c]["score"] for c in doc["candidates"]
+              if doc["rows"][c]["score"] is not None}
+    if scored:
+        assert doc["rows"][chosen.chosen]["score"] == max(scored.values())
+    else:
+        assert chosen.chosen is None
+    with pytest.raises(ValueError, match="basis"):
+        select_basis(cfg, ("nope",), out=tmp_path / "sel2", progress=False,
+                     cache=tmp_path / "cache")
 
 
 @pytest.mark.parametrize("field, value", [("train_steps", 0), ("basis_energy", 1.5),
@@ -218,3 +321,23 @@ def test_quick_command_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit):
         args = parser.parse_args(["safety", "--quick", "--out", str(out), "--no-progress"])
         args.func(args)
+
+
+def test_selection_plot_and_table_on_every_candidate():
+    """The report of a full selection: every candidate drawn and tabled, including values
+    outside [0, 1] (a candidate can keep more refusals than the base had) and unscored ones."""
+    rows = {"baseline": {"refusal_rate": 0.8, "false_refusal_rate": 0.4, "leak_rate": 0.0,
+                         "exact_match": 0.0}}
+    rows["lora"] = dict(rows["baseline"], refusal_rate=0.0, exact_match=0.6, refusal_kept=0.0,
+                        gain_kept=1.0)
+    for i, c in enumerate(CANDIDATES):
+        kept = None if i == 3 else (i / 10, 1.2 - i / 10)
+        rows[c] = dict(rows["baseline"], refusal_kept=None if kept is None else kept[0],
+                       gain_kept=None if kept is None else kept[1], total_rank=i + 1,
+                       score=None if kept is None else min(kept), max_orthogonality=1e-8)
+    doc = {"pull": "direct", "candidates": list(CANDIDATES), "rows": rows,
+           "chosen": CANDIDATES[5], "rule": "r", "machine": "m", "seconds": 1.0}
+    from bem.safety.experiment import plot_selection, selection_markdown
+    assert plot_selection(doc)[:8] == b"\x89PNG\r\n\x1a\n"
+    md = selection_markdown(doc)
+    assert f"**{CANDIDATES[5]}**" in md and md.count("\n| ") == len(CANDIDATES) + 3

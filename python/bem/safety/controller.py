@@ -36,8 +36,11 @@ class SafetyController:
 
     Args:
         model: an nn.Module with LoRA-style adapters (see :func:`adapted_layers`).
-        basis: optional SafetyBasis; each of its layers must be an adapted layer whose width on
-            the basis' side matches U. Adapted layers without a basis are not projected off.
+        basis: optional SafetyBasis, or a list of them on different sides (an input basis and
+            an output basis: A ← A(I − U_in U_inᵀ) and B ← (I − U_out U_outᵀ)B act on different
+            factors, so both hold exactly); each of its layers must be an adapted layer whose
+            width on the basis' side matches U. Adapted layers without a basis are not projected
+            off.
         monitor: optional SpectralMonitor applied to every adapted layer (all experts).
         detector: optional ViolationDetector for :meth:`check`.
 
@@ -63,13 +66,14 @@ class SafetyController:
     True
     """
 
-    def __init__(self, model: nn.Module, *, basis: SafetyBasis | None = None,
+    def __init__(self, model: nn.Module, *,
+                 basis: SafetyBasis | Sequence[SafetyBasis] | None = None,
                  monitor: SpectralMonitor | None = None,
                  detector: ViolationDetector | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected nn.Module, got {type(model).__name__}")
-        for name, value, cls in (("basis", basis, SafetyBasis),
-                                 ("monitor", monitor, SpectralMonitor),
+        bases = self._bases_of(basis)
+        for name, value, cls in (("monitor", monitor, SpectralMonitor),
                                  ("detector", detector, ViolationDetector)):
             if value is not None and not isinstance(value, cls):
                 raise TypeError(f"{name}: expected {cls.__name__} or None, got "
@@ -80,12 +84,30 @@ class SafetyController:
         if not self.layers and (basis is not None or monitor is not None):
             raise ValueError(f"model: no LoRA adapters (lora_A, lora_B, scale) found in "
                              f"{type(model).__name__}")
-        if basis is not None:
-            self._check_basis(basis)
+        for b in bases:
+            self._check_basis(b)
         self.basis, self.monitor, self.detector = basis, monitor, detector
+        self.bases = bases
         self.steps = 0
-        if basis is not None:
-            self._project_basis()
+        self._project_basis()
+
+    @staticmethod
+    def _bases_of(basis) -> list[SafetyBasis]:
+        if basis is None:
+            return []
+        if isinstance(basis, SafetyBasis):
+            return [basis]
+        if isinstance(basis, (str, bytes)) or not isinstance(basis, Sequence) or not basis:
+            raise TypeError(f"basis: expected SafetyBasis, a non-empty list of them or None, "
+                            f"got {type(basis).__name__}")
+        for i, b in enumerate(basis):
+            if not isinstance(b, SafetyBasis):
+                raise TypeError(f"basis[{i}]: expected SafetyBasis, got {type(b).__name__}")
+        sides = [b.side for b in basis]
+        if len(set(sides)) != len(sides):
+            raise ValueError(f"basis: at most one basis per side, got sides {sides} (merge the "
+                             f"directions of one side into one basis)")
+        return list(basis)
 
     def _check_basis(self, basis: SafetyBasis) -> None:
         missing = [n for n in basis.layers if n not in self.layers]
@@ -101,16 +123,16 @@ class SafetyController:
                                  f"{basis.side!r}")
 
     def _project_basis(self) -> None:
-        for name in self.basis.layers:
-            m = self.layers[name]
-            self.basis.project_(name, m.lora_A, m.lora_B)
+        for b in self.bases:
+            for name in b.layers:
+                m = self.layers[name]
+                b.project_(name, m.lora_A, m.lora_B)
 
     def step(self) -> None:
         """After an optimizer step: project every layer's factors off its safety basis, then scale
         them into the spectral budget (a scaling keeps the first projection exact)."""
         with torch.no_grad():
-            if self.basis is not None:
-                self._project_basis()
+            self._project_basis()
             if self.monitor is not None:
                 for name, m in self.layers.items():
                     self.monitor.monitor_and_project(m.lora_A, m.lora_B, m.scale, name,
@@ -127,12 +149,14 @@ class SafetyController:
 
     def orthogonality(self) -> dict[str, float]:
         """Per basis layer, the largest ‖ΔW U‖_F/‖ΔW‖_F (input side; ‖Uᵀ ΔW‖_F/‖ΔW‖_F output
-        side) over its experts."""
-        if self.basis is None:
-            return {}
-        return {name: float(self.basis.orthogonality(name, self.layers[name].lora_A,
-                                                     self.layers[name].lora_B).max())
-                for name in self.basis.layers}
+        side) over its experts; keyed by layer name, or "side:layer" with several bases."""
+        out = {}
+        for b in self.bases:
+            for name in b.layers:
+                key = name if len(self.bases) == 1 else f"{b.side}:{name}"
+                out[key] = float(b.orthogonality(name, self.layers[name].lora_A,
+                                                 self.layers[name].lora_B).max())
+        return out
 
     def report(self) -> dict:
         """steps, per-layer and max orthogonality, and the monitor's projection statistics."""
