@@ -26,7 +26,8 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
-def _png(fig) -> bytes:
+def figure_png(fig) -> bytes:
+    """A matplotlib Figure as PNG bytes (110 dpi, tight box): the one rendering of bem's reports."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return buf.getvalue()
@@ -56,7 +57,7 @@ def plot_deltas(report: AcceptanceReport) -> bytes:
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"Mean improvement with {report.thresholds.confidence:.0%} BCa intervals "
                  "(green: PROMOTE, red: REJECT)")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plot_overheads(evals: dict[str, Evaluation], report: AcceptanceReport) -> bytes:
@@ -81,7 +82,7 @@ def plot_overheads(evals: dict[str, Evaluation], report: AcceptanceReport) -> by
         ax.set_yticks(np.arange(len(names)), names)
         ax.set_title(title)
         ax.legend(loc="lower right")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _base_section(state: dict, base_eval: dict) -> list[str]:

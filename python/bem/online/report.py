@@ -4,19 +4,13 @@ why) and a PNG of the stream (prequential accuracy, held-out accuracy per domain
 drift alarms, released and rejected rounds, rollbacks)."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 
+from bem.experiments.report import figure_png
 from bem.online.stream import Segment, StreamItem, change_points
 from bem.serialization import atomic_write
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
 
 
 def plot_stream(logs: dict, segments: list[Segment], stream_length: int) -> bytes:
@@ -67,7 +61,7 @@ def plot_stream(logs: dict, segments: list[Segment], stream_length: int) -> byte
     ax2.set_xlabel("stream position (items)")
     ax2.set_title("the guarded arm's drift alarms (dashed: true change points; the unguarded "
                   "arm's are in report.md)", fontsize=9)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plot_forgetting(logs: dict, segments: list[Segment], clean_segments: list[Segment]) -> bytes:
@@ -101,7 +95,7 @@ def plot_forgetting(logs: dict, segments: list[Segment], clean_segments: list[Se
     axes[0].set_ylabel("held-out accuracy")
     axes[2].set_ylabel("held-out accuracy")
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _pct(v) -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ from bem.experiments.base_model import (cache_dir, cache_key, cached_base, load_
                                         store_base)
 from bem.experiments.config import BASELINE, PretrainConfig, RunConfig
 from bem.experiments.evaluation import Evaluation, evaluate
+from bem.experiments.report import figure_png
 from bem.experiments.runner import machine_description, resolve_device, results_document
 from bem.experiments.systems import BudgetRow, baseline_spec, build, trainable
 from bem.experiments.training import lm_batch, prompt_ids, train_lm, weighted_lm_loss
@@ -101,8 +101,8 @@ class SafetyConfig:
     basis_source / basis_side: the basis procedure (see safety_basis). The default,
     refusal-gradient / input / 0.99 / 32 ("refusal-gradient:input:r99"), is the one the declared
     selection protocol chose on validation for the direct pull (docs/safety.md); the first
-    measurement's was "refusal-gradient:input:r90" (0.9 / 16). pull: "direct" (the records answer the secret questions) or
-    "indirect" (the secret questions are left out of the records).
+    measurement's was "refusal-gradient:input:r90" (0.9 / 16). pull: "direct" (the records
+    answer the secret questions) or "indirect" (the secret questions are left out of them).
     spectral_budget: when set, a third adapter also under SpectralMonitor(spectral_budget)."""
 
     model: TransformerConfig = field(default_factory=lambda: RunConfig().model)
@@ -669,7 +669,8 @@ def select_basis(config: SafetyConfig | None = None, candidates: tuple[str, ...]
         row["exact_match"] = float(np.mean(dom.scores["exact_match"]))
         row["ranks"] = {k: v["rank"] for k, v in info.items()}
         row["total_rank"] = sum(row["ranks"].values())
-        row.update({k: v for k, v in controls.items() if k in ("max_orthogonality",)})
+        if "max_orthogonality" in controls:
+            row["max_orthogonality"] = controls["max_orthogonality"]
         row["seconds"] = time.perf_counter() - t
         rows[name] = row
         log.info("select %s: refusal %.3f, EM %.3f (%.0f s)", name, row["refusal_rate"],
@@ -744,9 +745,7 @@ def plot_selection(doc: dict) -> bytes:
     ax.legend(loc="upper left", fontsize=7, ncol=2)
     ax.set_title(f"Basis candidates on validation, pull: {doc['pull']} (filled: r99, "
                  "open: r90; unlabelled: < 5 % of refusals kept)", fontsize=9)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def selection_table(doc: dict) -> str:
@@ -759,15 +758,12 @@ def selection_table(doc: dict) -> str:
         label = {BASELINE: "base (B = 0 LoRA)", UNPROTECTED: "lora (unprotected)"}.get(name, name)
         if name == doc["chosen"]:
             label = f"**{label}**"
-        ortho = r.get("max_orthogonality")
-        score = r.get("score")
         lines.append(f"| {label} | {r['total_rank'] if name in doc['candidates'] else '—'} "
                      f"| {_pct(r['refusal_rate'])} | {_pct(r['false_refusal_rate'])} "
                      f"| {_pct(r['leak_rate'])} | {_pct(r['exact_match'])} "
                      f"| {_pct(r.get('refusal_kept')) if name != BASELINE else '—'} "
                      f"| {_pct(r.get('gain_kept')) if name != BASELINE else '—'} "
-                     f"| {'—' if score is None else _pct(score)} "
-                     f"| {'—' if ortho is None else f'{ortho:.1e}'} |")
+                     f"| {_pct(r.get('score'))} | {_sci(r.get('max_orthogonality'))} |")
     return "\n".join(lines)
 
 
@@ -785,6 +781,10 @@ def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.1f} %"
 
 
+def _sci(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1e}"
+
+
 def _gain(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:+.1f} pt"
 
@@ -796,14 +796,13 @@ def summary_table(summary: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     acc = summary["acceptance"]
     for name, r in summary["systems"].items():
-        ortho = r.get("max_orthogonality")
         lines.append(
             f"| {'base (B = 0 LoRA)' if name == BASELINE else name} | {_pct(r['refusal_rate'])} "
             f"| {_pct(r['leak_rate'])} | {_pct(r['false_refusal_rate'])} "
             f"| {_pct(r['close_exact_match'])} | {_pct(r['exact_match'])} "
             f"| {_gain(r.get('adaptation_gain'))} "
             f"| {_pct(r.get('refusal_kept'))} | {_pct(r.get('gain_kept'))} "
-            f"| {'—' if ortho is None else f'{ortho:.1e}'} "
+            f"| {_sci(r.get('max_orthogonality'))} "
             f"| {acc[name]['decision'] if name in acc else 'baseline'} |")
     return "\n".join(lines)
 
